@@ -1,0 +1,90 @@
+"""The Python API, shaped like transformers: `expertflow.from_pretrained(path, ...)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from expertflow.config import EngineConfig, parse_size
+from expertflow.engine import Engine, GenerationOutput
+from expertflow.errors import ExpertflowError
+from expertflow.loading import load
+from expertflow.routing import RoutingRecorder
+from expertflow.stats import RunStats
+
+
+class ExpertflowModel:
+    """An offloaded MoE model: `.generate(...)`, `.stats` (the last run's figures), `.tokenizer`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        recorder = RoutingRecorder()
+        self._parts = load(config, observer=recorder.observe)
+        self.engine = Engine(self._parts, recorder)
+        self.stats: RunStats | None = None
+
+    @property
+    def tokenizer(self):
+        return self._parts.tokenizer
+
+    @property
+    def model(self):
+        """The underlying transformers model, with its MoE `experts` modules offloaded."""
+        return self._parts.model
+
+    @property
+    def cache(self):
+        return self._parts.cache
+
+    @property
+    def name(self) -> str:
+        return self._parts.name
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self._parts.layers)
+
+    @property
+    def num_experts(self) -> int:
+        return self._parts.adapter.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self._parts.adapter.top_k
+
+    def encode(self, prompt: str) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise ExpertflowError("empty prompt: pass some text with --prompt")
+        if self.tokenizer is None:
+            raise ExpertflowError(f"{self.config.model} has no tokenizer files; pass token ids (input_ids=...) instead")
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt: str | list[str] | None = None, *, input_ids: list[list[int]] | None = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                 record_routing: bool = False) -> GenerationOutput:
+        """Generate for a prompt, a list of prompts, or token ids (a list of lists); greedy by default."""
+        if (prompt is None) == (input_ids is None):
+            raise ExpertflowError("give either a prompt (text) or input_ids, not both or neither")
+        if input_ids is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            input_ids = [self.encode(p) for p in prompts]
+        out = self.engine.generate(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                   record_routing=record_routing)
+        self.stats = out.stats
+        return out
+
+
+def from_pretrained(path: str | Path | None = None, *, cache_experts: int | None = None,
+                    cache_bytes: int | str | None = None, policy: str | None = None, store: str = "host",
+                    device: str = "cpu", dtype: str = "float32") -> ExpertflowModel:
+    """Load an MoE checkpoint with offloaded experts. Without `path`, the embedded tiny-mixtral-32e."""
+    if isinstance(cache_bytes, str):
+        cache_bytes = parse_size(cache_bytes)
+    kwargs = {"model": Path(path)} if path is not None else {}
+    config = EngineConfig(**kwargs, cache_experts=cache_experts, cache_bytes=cache_bytes, policy=policy,
+                          store=store, device=device, dtype=dtype)
+    return ExpertflowModel(config)

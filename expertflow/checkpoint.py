@@ -1,0 +1,103 @@
+"""Read a safetensors checkpoint (single file or sharded with an index) tensor by tensor, by name.
+
+Nothing is materialised up front: each tensor is read from its file when asked for, so experts can be
+left on disk and read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from expertflow.adapters import TensorRef
+from expertflow.errors import ExpertflowError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, addressable by name across shards."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        for path in self._shard_paths():
+            handle = _open(path)
+            self._handles[path] = handle
+            for name in handle.keys():
+                self._file_of[name] = path
+        self._check_index_complete()
+
+    def _shard_paths(self) -> list[Path]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                self._index_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ExpertflowError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from exc
+            return sorted({self.directory / f for f in self._index_map.values()})
+        self._index_map = {}
+        single = self.directory / SINGLE_FILE
+        if single.is_file():
+            return [single]
+        raise ExpertflowError(
+            f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory}; point --model at a safetensors checkpoint directory"
+        )
+
+    def _check_index_complete(self) -> None:
+        missing = [n for n in self._index_map if n not in self._file_of]
+        if missing:
+            raise ExpertflowError(
+                f"{len(missing)} tensors listed in {INDEX_FILE} are not in its shards (first: {missing[0]}); "
+                "the checkpoint is incomplete: copy it again"
+            )
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._file_of[name]].get_tensor(name)
+        except KeyError as exc:
+            raise ExpertflowError(f"tensor {name} is not in the checkpoint at {self.directory}") from exc
+
+    def read_ref(self, ref: TensorRef) -> torch.Tensor:
+        """One expert's piece: a whole per-expert tensor, or row `index` of a fused 3-D tensor."""
+        if ref.index is None:
+            return self.read(ref.name)
+        return self._handles[self._file_of[ref.name]].get_slice(ref.name)[ref.index]
+
+    def read_expert_into(self, refs: list[TensorRef], out: torch.Tensor) -> None:
+        """Fill a flat expert buffer from the checkpoint, piece after piece (casting to out's dtype)."""
+        offset = 0
+        for ref in refs:
+            piece = self.read_ref(ref).reshape(-1)
+            end = offset + piece.numel()
+            if end > out.numel():
+                raise ExpertflowError(f"tensor {ref.name} is larger than the config says; checkpoint and config.json disagree")
+            out[offset:end].copy_(piece)
+            offset = end
+        if offset != out.numel():
+            raise ExpertflowError(
+                f"expert tensors {refs[0].name}... hold {offset} values, the config implies {out.numel()}; "
+                "checkpoint and config.json disagree"
+            )
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise ExpertflowError(f"checkpoint shard {path} is missing; copy the whole checkpoint directory")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError subclasses
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExpertflowError(f"{path} is not a readable safetensors file ({reason}); it may be truncated: copy it again") from exc

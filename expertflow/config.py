@@ -1,0 +1,81 @@
+"""Engine configuration: one validated dataclass that every front end (CLI, API, bench) builds."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expertflow.embedded import EMBEDDED_MODEL_DIR
+from expertflow.errors import ExpertflowError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORE_NAMES = ("host", "disk")
+DEVICE_TYPES = ("cpu", "cuda")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '4096' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ExpertflowError(f"cannot read size {text!r}; write it like 2GiB, 512MiB, 300MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class EngineConfig:
+    """What to run and under which fast-tier budget.
+
+    Without a cache size the policy defaults to `none` (every expert resident); with one, to `lru`.
+    """
+
+    model: Path = EMBEDDED_MODEL_DIR
+    cache_experts: int | None = None
+    cache_bytes: int | None = None
+    policy: str | None = None
+    store: str = "host"
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model).expanduser()
+        if not self.model.is_dir():
+            raise ExpertflowError(f"model directory {self.model} does not exist; pass --model DIR of a saved checkpoint")
+        if self.cache_experts is not None and self.cache_bytes is not None:
+            raise ExpertflowError("give either --cache-experts or --cache-bytes, not both")
+        if self.cache_experts is not None and self.cache_experts < 1:
+            raise ExpertflowError(f"--cache-experts must be at least 1, got {self.cache_experts}")
+        if self.cache_bytes is not None and self.cache_bytes < 1:
+            raise ExpertflowError(f"--cache-bytes must be positive, got {self.cache_bytes}")
+        if self.store not in STORE_NAMES:
+            raise ExpertflowError(f"unknown store {self.store!r}; choose one of {', '.join(STORE_NAMES)}")
+        if self.dtype not in DTYPES:
+            raise ExpertflowError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        device_type = self.device.split(":")[0]
+        if device_type not in DEVICE_TYPES:
+            raise ExpertflowError(f"unknown device {self.device!r}; choose cpu or cuda")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        if self.policy is None:
+            self.policy = "none" if self.cache_experts is None and self.cache_bytes is None else "lru"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def capacity(self, num_experts_total: int, expert_bytes: int) -> int:
+        """Cache slots this budget buys: explicit count, bytes // expert size, or every expert."""
+        if self.cache_experts is not None:
+            return self.cache_experts
+        if self.cache_bytes is not None:
+            return self.cache_bytes // expert_bytes
+        return num_experts_total

@@ -1,0 +1,146 @@
+"""The step loop: prefill, then one token at a time with the model's KV cache, sampling as it goes.
+
+The engine owns its decode loop (rather than calling `model.generate`) because later stages regroup
+sequences between steps; tests check its tokens against transformers' own `generate`.
+
+Shape legend: B sequences, S positions, V vocabulary, L MoE layers, K top_k.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from expertflow.errors import ExpertflowError
+from expertflow.loading import OffloadedModel
+from expertflow.routing import RoutingRecorder
+from expertflow.stats import RunStats
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """Generated ids per input (cut after the first eos, which is kept), optional routing, and the figures."""
+
+    prompt_ids: list[list[int]]
+    sequences: list[list[int]]
+    stats: RunStats
+    routing: list[np.ndarray] | None = None  # per input: int16 (prompt + generated tokens, L, K)
+    last_logits: torch.Tensor | None = None  # (B, V) float32 logits of the last decoding step
+
+
+class Sampler:
+    """Greedy at temperature 0, otherwise softmax sampling from a seeded generator."""
+
+    def __init__(self, temperature: float, seed: int | None) -> None:
+        if temperature < 0:
+            raise ExpertflowError(f"temperature must be >= 0, got {temperature}")
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+
+
+class Engine:
+    def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder) -> None:
+        self.parts = parts
+        self.model = parts.model
+        self.recorder = recorder
+        self.device = next(parts.model.parameters()).device
+        self.max_positions = getattr(parts.model.config, "max_position_embeddings", None)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 seed: int | None = None, record_routing: bool = False) -> GenerationOutput:
+        self._validate(input_ids, max_new_tokens)
+        sampler = Sampler(temperature, seed)
+        eos = torch.tensor(self.parts.eos_token_ids, dtype=torch.long, device=self.device)
+        ids, mask = self._left_pad(input_ids)
+        batch = len(input_ids)
+        routing: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self.recorder.enabled = record_routing
+        before = self.parts.cache.figures()
+        start = time.perf_counter()
+
+        logits, kv = self._forward(ids, mask, None)  # prefill
+        if record_routing:
+            self._keep_prompt_routing(routing, mask)
+        prefill_seconds = time.perf_counter() - start
+        for step in range(max_new_tokens):
+            token = torch.where(finished, self.parts.pad_token_id, sampler(logits))
+            for b in torch.nonzero(~finished).flatten().tolist():
+                generated[b].append(int(token[b]))
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            logits, kv = self._forward(token[:, None], mask, kv)
+            if record_routing:
+                self._keep_step_routing(routing, generated, step)
+        seconds = time.perf_counter() - start
+
+        if record_routing:  # the last generated tokens have not been through the model yet
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            last = torch.tensor([g[-1] for g in generated], device=self.device)
+            self._forward(last[:, None], mask, kv)
+            self._keep_step_routing(routing, generated, max(len(g) for g in generated) - 1)
+        self.recorder.enabled = False
+
+        stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(map(len, generated)),
+                                 prompt_tokens=sum(map(len, input_ids)), seconds=seconds,
+                                 prefill_seconds=prefill_seconds)
+        return GenerationOutput(
+            prompt_ids=[list(p) for p in input_ids], sequences=generated, stats=stats,
+            routing=[np.concatenate(r) for r in routing] if record_routing else None, last_logits=logits,
+        )
+
+    def _validate(self, input_ids: list[list[int]], max_new_tokens: int) -> None:
+        if not input_ids or any(len(p) == 0 for p in input_ids):
+            raise ExpertflowError("empty prompt: give at least one token of input")
+        if max_new_tokens < 1:
+            raise ExpertflowError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        longest = max(map(len, input_ids))
+        if self.max_positions and longest + max_new_tokens > self.max_positions:
+            raise ExpertflowError(
+                f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{self.max_positions}; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _left_pad(self, input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, input_ids))
+        ids = torch.full((len(input_ids), width), self.parts.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for b, prompt in enumerate(input_ids):
+            ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[b, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, kv):
+        """One model forward over the new positions `ids` (B, S); returns last-position logits (B, V) and KV."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
+
+    def _keep_prompt_routing(self, routing: list[list[np.ndarray]], mask: torch.Tensor) -> None:
+        batch, width = mask.shape
+        taken = self.recorder.take().reshape(batch, width, *self._routing_shape())
+        for b in range(batch):
+            routing[b].append(taken[b][mask[b].bool().cpu().numpy()])
+
+    def _keep_step_routing(self, routing: list[list[np.ndarray]], generated: list[list[int]], step: int) -> None:
+        taken = self.recorder.take().reshape(len(generated), *self._routing_shape())
+        for b, tokens in enumerate(generated):
+            if step < len(tokens):
+                routing[b].append(taken[b][None])
+
+    def _routing_shape(self) -> tuple[int, int]:
+        return len(self.parts.layers), self.parts.adapter.top_k

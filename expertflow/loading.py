@@ -1,0 +1,116 @@
+"""Build a transformers MoE model with its experts offloaded, without ever materialising the experts.
+
+The model skeleton is built with parameters on the meta device; each MoE block's `experts` child is
+replaced by an `OffloadedExperts` module; only non-expert tensors are read from the checkpoint into the
+model. Experts stay in the store (host memory or the safetensors files) until the cache fetches them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from expertflow.adapters import MoEAdapter, adapter_for
+from expertflow.cache import ExpertCache
+from expertflow.checkpoint import Checkpoint
+from expertflow.config import EngineConfig
+from expertflow.errors import ExpertflowError
+from expertflow.experts import OffloadedExperts, RoutingObserver
+from expertflow.policies import CachePolicy, policy_class
+from expertflow.residency import Residency
+from expertflow.store import STORES, ExpertStore
+
+
+@dataclass
+class OffloadedModel:
+    """The parts `load` builds; the engine is assembled from them."""
+
+    model: nn.Module
+    adapter: MoEAdapter
+    layers: list[int]
+    store: ExpertStore
+    cache: ExpertCache
+    policy: CachePolicy
+    tokenizer: object | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    name: str
+
+
+def read_config(config: EngineConfig):
+    if not (config.model / "config.json").is_file():
+        raise ExpertflowError(f"no config.json in {config.model}; point --model at a transformers checkpoint directory")
+    try:
+        return AutoConfig.from_pretrained(config.model)
+    except (ValueError, KeyError, json.JSONDecodeError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExpertflowError(f"cannot read {config.model / 'config.json'}: {first}") from exc
+
+
+def load(config: EngineConfig, observer: RoutingObserver | None = None) -> OffloadedModel:
+    hf_config = read_config(config)
+    adapter = adapter_for(hf_config)
+    checkpoint = Checkpoint(config.model)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=config.torch_dtype)
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")
+
+    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype,
+                                 **({"pin_memory": True} if config.store == "host" and config.device.startswith("cuda") else {}))
+    capacity = config.capacity(len(store.refs), store.expert_bytes)
+    policy = policy_class(config.policy)(capacity, layers, adapter.num_experts, adapter.top_k)
+    cache = ExpertCache(Residency(capacity, policy), store, config.torch_device)
+    for layer in layers:
+        model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer))
+
+    _load_resident_weights(model, adapter, checkpoint, config)
+    model.to(config.torch_device).eval()
+    eos, pad = _special_tokens(config, hf_config)
+    return OffloadedModel(model=model, adapter=adapter, layers=layers, store=store, cache=cache, policy=policy,
+                          tokenizer=_tokenizer(config), eos_token_ids=eos, pad_token_id=pad,
+                          name=config.model.name)
+
+
+def _load_resident_weights(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> None:
+    """Read every non-expert tensor into the skeleton; fail naming any weight the checkpoint lacks."""
+    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    state = {}
+    for key in checkpoint.keys():
+        if adapter.is_expert_tensor(key):
+            continue
+        module_key = adapter.module_key(key)
+        if module_key in wanted:
+            tensor = checkpoint.read(key)
+            state[module_key] = tensor.to(config.torch_dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ExpertflowError(
+            f"checkpoint in {config.model} lacks {len(missing)} weights (first: {missing[0]}); it is incomplete or "
+            "from another architecture"
+        )
+
+
+def _special_tokens(config: EngineConfig, hf_config) -> tuple[tuple[int, ...], int]:
+    generation = GenerationConfig.from_model_config(hf_config)
+    if (config.model / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(config.model)
+    eos = generation.eos_token_id if generation.eos_token_id is not None else hf_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    pad = generation.pad_token_id if generation.pad_token_id is not None else getattr(hf_config, "pad_token_id", None)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+def _tokenizer(config: EngineConfig):
+    has_tokenizer = any((config.model / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    return AutoTokenizer.from_pretrained(config.model) if has_tokenizer else None

@@ -1,0 +1,106 @@
+"""Which expert sits in which fast-tier slot, and the counters: pure Python, shared by engine and simulator.
+
+The live cache wraps this with tensors and copies; the trace simulator uses it as is. Both therefore
+count hits, misses, loads and evictions the same way for the same accesses and policy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from expertflow.policies import CachePolicy, Key
+
+
+@dataclass
+class CacheCounters:
+    """Hit ratio = hits / (hits + misses) over demand uses; loads count every transfer into the fast tier."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    prefetch_loads: int = 0
+    evictions: int = 0
+
+    @property
+    def uses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.uses if self.uses else 1.0
+
+    def minus(self, before: "CacheCounters") -> "CacheCounters":
+        return CacheCounters(**{f: getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__})
+
+    def copy(self) -> "CacheCounters":
+        return CacheCounters(**vars(self))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Result of bringing a key into the cache: its slot, whether it had to be loaded, what it displaced."""
+
+    slot: int
+    loaded: bool
+    evicted: Key | None
+
+
+class Residency:
+    """Slot bookkeeping for a fixed pool of `capacity` expert slots under one policy."""
+
+    def __init__(self, capacity: int, policy: CachePolicy) -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.slot_of: dict[Key, int] = {}
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._pins: Counter[Key] = Counter()
+        self.counters = CacheCounters()
+        self.slots_used_peak = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def use(self, key: Key) -> Placement:
+        """A demand use of `key` by a running layer: a hit, or a miss that loads it now."""
+        if key in self.slot_of:
+            self.counters.hits += 1
+            self.policy.on_hit(key)
+            return Placement(self.slot_of[key], loaded=False, evicted=None)
+        self.counters.misses += 1
+        return self._load(key)
+
+    def prefetch(self, key: Key) -> Placement:
+        """Bring `key` in ahead of its use (no hit or miss is counted until it is used)."""
+        if key in self.slot_of:
+            return Placement(self.slot_of[key], loaded=False, evicted=None)
+        self.counters.prefetch_loads += 1
+        return self._load(key)
+
+    def pin(self, key: Key) -> None:
+        self._pins[key] += 1
+
+    def unpin(self, key: Key) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+
+    def _load(self, key: Key) -> Placement:
+        victim = self.policy.victim(key, self.slot_of.keys(), self._pins.keys(), full=not self._free)
+        evicted = None
+        if victim is not None:
+            if victim not in self.slot_of or victim in self._pins:
+                raise RuntimeError(f"policy {self.policy.name} chose {victim}, which is not evictable")
+            slot = self.slot_of.pop(victim)
+            self.policy.on_evict(victim)
+            self.counters.evictions += 1
+            evicted = victim
+        elif self._free:
+            slot = self._free.pop()
+        else:
+            raise RuntimeError(f"policy {self.policy.name} chose no victim but the cache is full")
+        self.slot_of[key] = slot
+        self.policy.on_load(key)
+        self.counters.loads += 1
+        self.slots_used_peak = max(self.slots_used_peak, self.capacity - len(self._free))
+        return Placement(slot, loaded=True, evicted=evicted)

@@ -1,0 +1,51 @@
+"""The figures of a run, in one dataclass every front end prints from (CLI table, --json, bench)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from expertflow.cache import CacheFigures
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """A generate call's figures. Cache counters are this run's deltas; peak and sizes are lifetime."""
+
+    new_tokens: int
+    prompt_tokens: int
+    seconds: float
+    prefill_seconds: float
+    hits: int
+    misses: int
+    expert_loads: int
+    prefetch_loads: int
+    evictions: int
+    bytes_moved: int
+    cache_experts: int
+    expert_bytes: int
+    peak_expert_bytes: int
+    all_expert_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        uses = self.hits + self.misses
+        return self.hits / uses if uses else 1.0
+
+    @classmethod
+    def between(cls, before: CacheFigures, after: CacheFigures, *, new_tokens: int, prompt_tokens: int,
+                seconds: float, prefill_seconds: float) -> "RunStats":
+        delta = after.counters.minus(before.counters)
+        return cls(
+            new_tokens=new_tokens, prompt_tokens=prompt_tokens, seconds=seconds, prefill_seconds=prefill_seconds,
+            hits=delta.hits, misses=delta.misses, expert_loads=delta.loads, prefetch_loads=delta.prefetch_loads,
+            evictions=delta.evictions, bytes_moved=delta.loads * after.expert_bytes,
+            cache_experts=after.capacity_experts, expert_bytes=after.expert_bytes,
+            peak_expert_bytes=after.peak_expert_bytes, all_expert_bytes=after.all_expert_bytes,
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_ratio": self.hit_ratio}
