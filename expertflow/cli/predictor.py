@@ -1,0 +1,175 @@
+"""`expertflow train-predictor` and `expertflow eval-predictor`: the Routing Path Predictor from traces."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from expertflow.errors import ExpertflowError
+from expertflow.predictor.baselines import (BaselineTables, LookupBaseline, PopularityBaseline, SpatialBaseline,
+                                            TemporalBaseline, build_tables)
+from expertflow.predictor.evaluate import EvalConfig, evaluate
+from expertflow.predictor.model import PredictorConfig, save_model
+from expertflow.predictor.runtime import RoutingPredictor
+from expertflow.predictor.train import TrainConfig, train_predictor
+from expertflow.traces import TraceSet, read_traces
+
+TRAINING_NAME = "training.json"
+_MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "dropout")
+_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    t = subparsers.add_parser("train-predictor", help="train the Routing Path Predictor on trace files")
+    t.add_argument("--traces", nargs="+", required=True, type=Path, help="trace files (same model)")
+    t.add_argument("--out", required=True, type=Path, help="predictor directory to write")
+    t.add_argument("--init-embeddings", type=Path, default=None, metavar="MODEL_DIR",
+                   help="start the predictor's token embeddings from this MoE checkpoint's")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for flag, kind in (("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
+                       ("decoder-layers", int), ("window", int), ("dropout", float), ("epochs", int),
+                       ("batch-size", int), ("lr", float), ("weight-decay", float), ("val-fraction", float),
+                       ("patience", int), ("seed", int), ("max-length", int)):
+        t.add_argument(f"--{flag}", type=kind, default=None)
+    t.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("eval-predictor", help="B_acc, precision, recall of the predictor vs baselines")
+    e.add_argument("--predictor", required=True, type=Path, help="directory from train-predictor")
+    e.add_argument("--traces", required=True, type=Path, help="trace file to evaluate on (generated tokens)")
+    e.add_argument("--batch-size", type=int, default=None, help="sequences decoded together (default 1)")
+    e.add_argument("--budget", type=int, default=None,
+                   help="experts per layer for the fixed-budget metric (default: mean true batch demand)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    e.set_defaults(func=run_eval)
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _read_all(paths: list[Path]) -> list[TraceSet]:
+    traces = [read_traces(p) for p in paths]
+    shapes = {(t.header.num_layers, t.header.num_experts, t.header.top_k) for t in traces}
+    if len(shapes) > 1:
+        raise ExpertflowError(f"trace files disagree on (layers, experts, top_k): {sorted(shapes)}")
+    if not any(t.sequences for t in traces):
+        raise ExpertflowError("the trace files hold no sequences")
+    return traces
+
+
+def _vocab_size(traces: list[TraceSet]) -> int:
+    declared = max(t.header.vocab_size for t in traces)
+    seen = max(int(s.token_ids.max()) for t in traces for s in t.sequences if s.num_tokens) + 1
+    return max(declared, seen)
+
+
+def _embeddings(model_dir: Path | None) -> torch.Tensor | None:
+    if model_dir is None:
+        return None
+    import expertflow
+
+    return expertflow.from_pretrained(model_dir).model.get_input_embeddings().weight.detach().clone()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    traces = _read_all(args.traces)
+    h = traces[0].header
+    try:
+        model_config = PredictorConfig(vocab_size=_vocab_size(traces), num_layers=h.num_layers,
+                                       num_experts=h.num_experts, top_k=h.top_k, model_name=h.model,
+                                       **_given(args, _MODEL_FLAGS))
+        train_config = TrainConfig(**_given(args, _TRAIN_FLAGS))
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+    result = train_predictor(traces, model_config, train_config, embeddings=_embeddings(args.init_embeddings))
+    tables = build_tables(traces, model_config.vocab_size)
+    summary = {
+        "traces": [str(p) for p in args.traces], "train": dataclasses.asdict(train_config),
+        "init_embeddings": str(args.init_embeddings) if args.init_embeddings else None,
+        "parameters": result.model.num_parameters(), "bytes": result.model.num_bytes(),
+        "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "train_sequences": result.train_sequences, "val_sequences": result.val_sequences,
+        "train_tokens": result.train_tokens, "history": result.history,
+    }
+
+    def write_extra(directory: Path) -> None:
+        tables.save(directory)
+        (directory / TRAINING_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+
+    save_model(result.model, args.out, write_extra)
+    best = result.history[result.best_epoch - 1] if result.best_epoch else {}
+    Console().print(f"wrote {args.out}: {summary['parameters']:,} parameters ({summary['bytes'] / 1e6:.2f} MB), "
+                    f"{summary['seconds']:.0f} s, best epoch {result.best_epoch} "
+                    f"(val loss {best.get('val_loss', float('nan')):.4f}, "
+                    f"val top-k recall {best.get('val_recall', float('nan')):.3f})")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    predictor = RoutingPredictor.load(args.predictor)
+    tables = BaselineTables.load(args.predictor)
+    traces = read_traces(args.traces)
+    h, c = traces.header, predictor.config
+    if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
+        raise ExpertflowError(f"{args.traces} has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "
+                              f"predicts L={c.num_layers} E={c.num_experts} K={c.top_k}")
+    try:
+        config = EvalConfig(**_given(args, ("batch_size", "budget")))
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+    scorers = {
+        "rpp": lambda seq, pos: predictor.predict_array(seq.token_ids)[pos],
+        "tlp": TemporalBaseline(tables.popularity).scores,
+        "slp": SpatialBaseline(tables.popularity).scores,
+        "popularity": PopularityBaseline(tables.popularity).scores,
+        "lookup": LookupBaseline(tables).scores,
+    }
+    results = evaluate(traces, scorers, config)
+    results["rpp"]["step_ms"] = _step_ms(predictor, traces, config.batch_size)
+    _print_tables(results, args, config.batch_size)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _step_ms(predictor: RoutingPredictor, traces: TraceSet, batch_size: int) -> float:
+    """Median wall time of one `predict_next` call for a batch at the sequences' last generated step."""
+    seqs = [s for s in traces.sequences if len(s.generated_ids)][:batch_size] or traces.sequences[:batch_size]
+    contexts = [s.token_ids.tolist() for s in seqs]
+    predictor.predict_next(contexts)  # warm-up
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        predictor.predict_next(contexts)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _print_tables(results: dict, args: argparse.Namespace, batch_size: int) -> None:
+    console = Console()
+    budget = results["rpp"]["budget"]["experts_per_layer"]
+    table = Table("method", "B_acc", "precision", "recall", "F1", f"P@{budget}", f"R@{budget}", f"F1@{budget}",
+                  title=f"{args.traces.name}: batch size {batch_size}, {results['rpp']['batches']} batches "
+                        f"(top-k per token OR-ed over the batch; @{budget}: fixed per-layer budget)")
+    for name, r in results.items():
+        b = r["budget"]
+        table.add_row(name, *(f"{x:.3f}" for x in (r["b_acc"], r["precision"], r["recall"], r["f1"],
+                                                    b["precision"], b["recall"], b["f1"])))
+    console.print(table)
+    layers = Table("layer", *results, title="B_acc per layer")
+    for layer in range(len(results["rpp"]["per_layer"])):
+        layers.add_row(str(layer), *(f"{r['per_layer'][layer]:.3f}" for r in results.values()))
+    console.print(layers)
+    console.print(f"RPP step (predict_next, batch {batch_size}): {results['rpp']['step_ms']:.1f} ms on CPU")

@@ -1,0 +1,78 @@
+"""`expertflow trace` (collect routing traces) and `expertflow trace-info` (summarise a trace file)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from expertflow.datasets import NAMED_DATASETS, load_prompts
+from expertflow.errors import ExpertflowError
+from expertflow.traces import read_traces, summarize
+from expertflow.tracing import TracingConfig, collect_traces
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("trace", help="record the experts every token is routed to, over a prompt set")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--dataset", required=True, help=f"{', '.join(NAMED_DATASETS)}, or a .jsonl/.txt/.json path")
+    p.add_argument("--samples", type=int, default=None, help="number of prompts (default: all)")
+    p.add_argument("--skip", type=int, default=0, help="skip this many prompts first (for held-out sets)")
+    p.add_argument("--runs", type=int, default=None, help="runs per prompt (sampling needs --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="prompts generated together")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts keep head and tail")
+    p.add_argument("--out", required=True, type=Path, help="trace file to write (.safetensors)")
+    p.set_defaults(func=run_trace)
+
+    info = subparsers.add_parser("trace-info", help="summarise a trace file: sizes, expert skew, entropy")
+    info.add_argument("file", type=Path)
+    info.set_defaults(func=run_trace_info)
+
+
+def _config(args: argparse.Namespace) -> TracingConfig:
+    given = {name: getattr(args, name) for name in
+             ("runs", "max_new_tokens", "temperature", "seed", "batch_size", "max_prompt_tokens")}
+    try:
+        return TracingConfig(dataset=args.dataset, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    import expertflow
+
+    config = _config(args)
+    if (args.samples is not None and args.samples < 1) or args.skip < 0:
+        raise ExpertflowError("--samples must be >= 1 and --skip >= 0")
+    prompts = load_prompts(args.dataset, limit=args.samples, skip=args.skip)
+    if not prompts:
+        raise ExpertflowError(f"dataset {args.dataset!r} has no prompts after skipping {args.skip}")
+    model = expertflow.from_pretrained(args.model)
+    with tqdm(total=len(prompts) * config.runs, unit="seq", desc="tracing") as bar:
+        traces = collect_traces(model, prompts, config, on_batch=bar.update)
+    traces.write(args.out)
+    Console().print(f"wrote {args.out}: {len(traces.sequences)} sequences, {traces.num_tokens} tokens")
+    return 0
+
+
+def run_trace_info(args: argparse.Namespace) -> int:
+    traces = read_traces(args.file)
+    s = summarize(traces)
+    h = traces.header
+    console = Console()
+    console.print(f"[bold]{args.file}[/]: model {h.model}, dataset {h.dataset or '?'}, L={h.num_layers} "
+                  f"E={h.num_experts} K={h.top_k}, runs {h.runs}, temperature {h.temperature}, seed {h.seed}")
+    console.print(f"{s.sequences} sequences from {s.prompts} prompts; {s.prompt_tokens} prompt + "
+                  f"{s.generated_tokens} generated tokens")
+    table = Table("layer", "top expert share", "Gini", "entropy / uniform", "prev-token overlap")
+    for layer in range(h.num_layers):
+        table.add_row(str(layer), f"{s.top_share[layer]:.3f}", f"{s.gini[layer]:.3f}",
+                      f"{s.entropy[layer]:.3f}", f"{s.prev_token_overlap[layer]:.3f}")
+    console.print(table)
+    return 0

@@ -1,0 +1,131 @@
+"""Prompt sets by name or path: the paper's evaluation sets (alpaca, xsum, wmt16, aime24) and local files.
+
+Named sets live under the data root: `$EXPERTFLOW_DATA` if set, else `shared/data` beside the repository
+(resolved from this file, so a fresh clone placed next to `shared/` finds it). Local files:
+`.jsonl` (field `prompt`, else `text`, one object per line), `.txt` (one prompt per line), `.json` (a list
+of strings, of objects with `prompt`/`text`, or of Alpaca records with `instruction`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from expertflow.errors import ExpertflowError
+
+DATA_ENV_VAR = "EXPERTFLOW_DATA"
+
+# The paper's templates: a chat-style instruction for alpaca, "Summarize:" for xsum, "Translate to Finnish:" for wmt16.
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+XSUM_TEMPLATE = "Summarize: {document}\nSummary:"
+WMT16_TEMPLATE = "Translate to Finnish: {text}\nFinnish:"
+AIME_TEMPLATE = "Solve the problem.\n{problem}\nAnswer:"
+
+
+def data_root() -> Path:
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    # <repo>/expertflow/datasets.py -> <repo>/../shared/data
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def alpaca_prompt(record: dict) -> str:
+    if record.get("input"):
+        return ALPACA_INPUT_TEMPLATE.format(instruction=record["instruction"], input=record["input"])
+    return ALPACA_TEMPLATE.format(instruction=record["instruction"])
+
+
+def _load_alpaca(root: Path) -> list[str]:
+    return [alpaca_prompt(r) for r in _read_json(root / "eval" / "alpaca_en_demo.json")]
+
+
+def _load_xsum(root: Path) -> list[str]:
+    return [XSUM_TEMPLATE.format(document=r["document"]) for r in _read_jsonl(root / "eval" / "xsum_test.jsonl")]
+
+
+def _load_wmt16(root: Path) -> list[str]:
+    lines = _read_lines(root / "eval" / "wmt16_newstest2016_enfi.en")
+    return [WMT16_TEMPLATE.format(text=line) for line in lines]
+
+
+def _load_aime24(root: Path) -> list[str]:
+    return [AIME_TEMPLATE.format(problem=r["problem"]) for r in _read_jsonl(root / "eval" / "aime24.jsonl")]
+
+
+NAMED_DATASETS: dict[str, Callable[[Path], list[str]]] = {
+    "alpaca": _load_alpaca,
+    "xsum": _load_xsum,
+    "wmt16": _load_wmt16,
+    "aime24": _load_aime24,
+}
+LOCAL_SUFFIXES = (".jsonl", ".txt", ".json")
+
+
+def load_prompts(name_or_path: str, limit: int | None = None, skip: int = 0) -> list[str]:
+    """Prompts of a named set or a local file, in file order; `skip` then `limit` select a slice."""
+    if (limit is not None and limit < 0) or skip < 0:
+        raise ValueError(f"limit and skip must be >= 0, got limit={limit} skip={skip}")
+    if name_or_path in NAMED_DATASETS:
+        prompts = NAMED_DATASETS[name_or_path](data_root())
+    else:
+        prompts = _load_local(Path(name_or_path))
+    end = None if limit is None else skip + limit
+    return prompts[skip:end]
+
+
+def _load_local(path: Path) -> list[str]:
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise ExpertflowError(
+            f"unknown dataset {str(path)!r}: use one of {', '.join(NAMED_DATASETS)} "
+            f"or a path to a {'/'.join(LOCAL_SUFFIXES)} file")
+    if path.suffix == ".txt":
+        return _read_lines(path)
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json(path)
+    if not isinstance(rows, list):
+        raise ExpertflowError(f"{path}: expected a JSON list of prompts, got {type(rows).__name__}")
+    return [_row_prompt(row, path, i) for i, row in enumerate(rows)]
+
+
+def _row_prompt(row: object, path: Path, index: int) -> str:
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict):
+        for key in ("prompt", "text"):
+            if isinstance(row.get(key), str):
+                return row[key]
+        if isinstance(row.get("instruction"), str):
+            return alpaca_prompt(row)
+    raise ExpertflowError(f"{path}: row {index} has no string field 'prompt', 'text' or 'instruction'")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        hint = f" (set {DATA_ENV_VAR} to the data directory)" if path.is_relative_to(data_root()) else ""
+        raise ExpertflowError(f"dataset file not found: {path}{hint}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    _check_exists(path)
+    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_jsonl(path: Path) -> list:
+    rows = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ExpertflowError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> object:
+    _check_exists(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ExpertflowError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -1,0 +1,249 @@
+"""The Routing Path Predictor network: a small T5-style encoder-decoder with one head per MoE layer.
+
+Shape legend: B sequences, S positions, D d_model, F d_ff, H attention heads, L MoE layers, E experts.
+
+Input (B, S) token ids of the MoE model's tokenizer -> (B, S, L, E) logits, all layers in one forward.
+Causal and windowed: position t attends to positions t-window+1 .. t only (encoder self-attention,
+decoder self-attention and decoder->encoder cross-attention alike). Position information is T5's
+bucketed relative position bias, so the network is translation invariant: the prediction for t depends
+only on the last `receptive_field` tokens, which is what lets `RoutingPredictor.predict_next` run on a
+fixed-size tail of the sequence at every decoding step and still equal the full-sequence forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from expertflow.errors import ExpertflowError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    vocab_size: int
+    num_layers: int            # L: MoE layers of the model whose routing is predicted
+    num_experts: int           # E
+    top_k: int                 # K: experts the MoE model selects per token and layer
+    d_model: int = 128
+    d_ff: int = 512
+    num_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    window: int = 64           # attention span in positions, itself included
+    relative_buckets: int = 32
+    dropout: float = 0.1
+    model_name: str = ""       # the MoE model the traces came from
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "num_experts", "d_model", "d_ff", "num_heads", "window",
+                     "relative_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder_layers < 1 or self.decoder_layers < 1:
+            raise ValueError("encoder_layers and decoder_layers must be >= 1")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens back (itself included) that can influence one position's prediction."""
+        return (self.encoder_layers + self.decoder_layers) * (self.window - 1) + 1
+
+
+def relative_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's unidirectional bucketing of distance n = query - key >= 0: exact below num_buckets/2, log above."""
+    n = relative.clamp(min=0)
+    exact = num_buckets // 2
+    log_part = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max(max_distance, exact + 1) / exact)
+                        * (num_buckets - exact)).long()
+    return torch.where(n < exact, n, log_part.clamp(max=num_buckets - 1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # x (B, S, D) queries, memory (B, S, D) keys/values, bias (1 or B, H or 1, S, S) with -inf outside the window
+        B, S, D = x.shape
+        q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)              # (B, H, S, D/H)
+        k, v = self.kv(memory).view(B, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(B, S, D))
+
+
+class GatedFeedForward(nn.Module):
+    """T5 v1.1's gated-GELU feed-forward."""
+
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.wi = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.wi(x).chunk(2, dim=-1)
+        return self.wo(self.drop(F.gelu(gate, approximate="tanh") * up))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.ff = RMSNorm(cfg.d_model), GatedFeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h, self_bias))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.norm1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm3, self.ff = RMSNorm(cfg.d_model), GatedFeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, y: torch.Tensor, memory: torch.Tensor, self_bias: torch.Tensor,
+                cross_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(y)
+        y = y + self.drop(self.self_attn(h, h, self_bias))
+        y = y + self.drop(self.cross_attn(self.norm2(y), memory, cross_mask))
+        return y + self.drop(self.ff(self.norm3(y)))
+
+
+class RoutingPathModel(nn.Module):
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder and decoder, as in T5
+        self.enc_bias = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+        self.dec_bias = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.enc_norm, self.dec_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        # The L per-layer heads of E logits, stored as one (D -> L*E) projection so they run as one matmul.
+        self.heads = nn.Linear(cfg.d_model, cfg.num_layers * cfg.num_experts)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        # Start every expert at the base rate K/E, so early training does not fight a 50% prior.
+        nn.init.constant_(self.heads.bias, math.log(cfg.top_k / (cfg.num_experts - cfg.top_k + 1e-9)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) token ids -> (B, S, L, E) logits."""
+        B, S = input_ids.shape
+        window = self._window_mask(S, input_ids.device)                          # (S, S) bool
+        enc_bias = self._bias(self.enc_bias, window)                             # (1, H, S, S)
+        dec_bias = self._bias(self.dec_bias, window)
+        cross = torch.zeros(S, S, device=input_ids.device).masked_fill(~window, float("-inf"))[None, None]
+        x = self.drop(self.embed(input_ids))                                     # (B, S, D)
+        memory = x
+        for block in self.encoder:
+            memory = block(memory, enc_bias)
+        memory = self.enc_norm(memory)
+        y = x
+        for block in self.decoder:
+            y = block(y, memory, dec_bias, cross)
+        logits = self.heads(self.dec_norm(y))                                    # (B, S, L*E)
+        return logits.view(B, S, self.config.num_layers, self.config.num_experts)
+
+    def _window_mask(self, S: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(S, device=device)
+        distance = pos[:, None] - pos[None, :]                                   # query - key
+        return (distance >= 0) & (distance < self.config.window)
+
+    def _bias(self, table: nn.Embedding, window: torch.Tensor) -> torch.Tensor:
+        S = window.shape[0]
+        pos = torch.arange(S, device=window.device)
+        buckets = relative_bucket(pos[:, None] - pos[None, :], self.config.relative_buckets, self.config.window)
+        bias = table(buckets).permute(2, 0, 1)                                   # (H, S, S)
+        return bias.masked_fill(~window, float("-inf"))[None]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def save_model(model: RoutingPathModel, directory: str | Path,
+               write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ whatever `write_extra(tmp_dir)` adds) to a temp dir, then
+    swap it into place, so readers never see a half-written predictor."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
+        if write_extra is not None:
+            write_extra(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    # os.replace cannot replace a non-empty directory: move the old one aside first, then drop it.
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model(directory: str | Path) -> RoutingPathModel:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ExpertflowError(f"{directory}: not a predictor directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                              "create one with `expertflow train-predictor`")
+    try:
+        config = PredictorConfig(**json.loads(config_path.read_text()))
+        model = RoutingPathModel(config)
+        model.load_state_dict(load_file(str(weights_path)))
+    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        raise ExpertflowError(f"{directory}: unreadable predictor ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    return model.eval()

@@ -1,0 +1,95 @@
+"""Collect routing traces: run a model over a prompt set and record every token's selected experts.
+
+The model is anything with the engine's `generate(..., record_routing=True)` API (see expertflow.api):
+`tokenizer`, `num_moe_layers`, `num_experts`, `top_k`, `name`, and `generate` returning `sequences`
+(generated ids per input) and `routing` ((prompt_len + generated, L, K) int16 per input), so the recorded
+routing is the routing the engine executed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from expertflow.traces import TraceHeader, TraceSequence, TraceSet
+
+
+class RoutingRecorder(Protocol):
+    tokenizer: Any
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    name: str
+
+    def generate(self, input_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                 seed: int | None, record_routing: bool) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    dataset: str
+    runs: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = 8
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if self.runs > 1 and self.temperature <= 0:
+            raise ValueError("runs > 1 needs temperature > 0: greedy runs of one prompt are identical")
+        if self.max_new_tokens < 0 or self.temperature < 0:
+            raise ValueError(f"max_new_tokens and temperature must be >= 0, got "
+                             f"{self.max_new_tokens}, {self.temperature}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompt_tokens < 2:
+            raise ValueError(f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids per prompt; an over-long prompt keeps its head and its last 16 tokens (the template's
+    closing cue, e.g. "Summary:"), so long documents still end the way the template ends."""
+    tail = min(16, max_tokens // 2)
+    out = []
+    for prompt in prompts:
+        ids = list(tokenizer(prompt)["input_ids"])
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - tail] + ids[-tail:]
+        out.append(ids)
+    return out
+
+
+def collect_traces(model: RoutingRecorder, prompts: Sequence[str], config: TracingConfig,
+                   on_batch: Callable[[int], None] | None = None) -> TraceSet:
+    """R runs of every prompt, batched; `on_batch(n)` is called after each batch of n sequences."""
+    prompt_ids = encode_prompts(model.tokenizer, prompts, config.max_prompt_tokens)
+    sequences: list[TraceSequence] = []
+    for run in range(config.runs):
+        for start in range(0, len(prompt_ids), config.batch_size):
+            batch = prompt_ids[start : start + config.batch_size]
+            # A distinct seed per (run, batch) so sampled runs differ but the whole set is reproducible.
+            seed = config.seed + 1_000_003 * run + start
+            out = model.generate(input_ids=batch, max_new_tokens=config.max_new_tokens,
+                                 temperature=config.temperature, seed=seed, record_routing=True)
+            for offset, (ids, generated, routing) in enumerate(zip(batch, out.sequences, out.routing)):
+                sequences.append(TraceSequence(np.array(ids), np.array(generated), np.asarray(routing),
+                                               prompt_index=start + offset, run=run))
+            if on_batch is not None:
+                on_batch(len(batch))
+    header = TraceHeader(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                         top_k=model.top_k, dataset=config.dataset, runs=config.runs,
+                         temperature=config.temperature, seed=config.seed,
+                         max_new_tokens=config.max_new_tokens, vocab_size=_vocab_size(model))
+    return TraceSet(header, sequences)
+
+
+def _vocab_size(model: RoutingRecorder) -> int:
+    # The embedding's row count, not len(tokenizer): checkpoints often pad the vocabulary.
+    hf_config = getattr(getattr(model, "model", None), "config", None)
+    return int(getattr(hf_config, "vocab_size", 0) or len(model.tokenizer))

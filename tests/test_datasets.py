@@ -1,0 +1,64 @@
+"""Prompt sets by name (the real files under shared/data) and by local path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from expertflow.datasets import DATA_ENV_VAR, NAMED_DATASETS, data_root, load_prompts
+from expertflow.errors import ExpertflowError
+
+needs_data = pytest.mark.skipif(not (data_root() / "eval").is_dir(), reason="shared/data not beside the repo")
+
+
+@needs_data
+@pytest.mark.parametrize("name,count,start", [("alpaca", 999, "### Instruction:\n"), ("xsum", 1000, "Summarize: "),
+                                              ("wmt16", 3000, "Translate to Finnish: "),
+                                              ("aime24", 30, "Solve the problem.")])
+def test_named_sets_load_with_their_templates(name: str, count: int, start: str) -> None:
+    prompts = load_prompts(name)
+    assert len(prompts) == count
+    assert all(p.startswith(start) for p in prompts)
+
+
+@needs_data
+def test_alpaca_input_goes_into_the_template_and_slicing_works() -> None:
+    records = json.loads((data_root() / "eval" / "alpaca_en_demo.json").read_text())
+    with_input = next(i for i, r in enumerate(records) if r["input"])
+    prompt = load_prompts("alpaca", limit=1, skip=with_input)[0]
+    assert records[with_input]["input"] in prompt and "### Input:" in prompt
+    assert prompt.endswith("### Response:\n")
+    assert load_prompts("alpaca", limit=3, skip=10) == load_prompts("alpaca")[10:13]
+
+
+def test_local_files(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"prompt": "one"}\n{"text": "two"}\n\n')
+    (tmp_path / "b.txt").write_text("first\n\nsecond\n")
+    (tmp_path / "c.json").write_text(json.dumps(["x", {"prompt": "y"}, {"instruction": "z", "input": ""}]))
+    assert load_prompts(str(tmp_path / "a.jsonl")) == ["one", "two"]
+    assert load_prompts(str(tmp_path / "b.txt")) == ["first", "second"]
+    assert load_prompts(str(tmp_path / "c.json"))[:2] == ["x", "y"]
+
+
+def test_data_root_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "aime24.jsonl").write_text('{"problem": "2+2?"}\n')
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    assert load_prompts("aime24") == ["Solve the problem.\n2+2?\nAnswer:"]
+    with pytest.raises(ExpertflowError, match=DATA_ENV_VAR):
+        load_prompts("xsum")
+
+
+@pytest.mark.parametrize("name,match", [("nonsense", "alpaca, xsum, wmt16, aime24"),
+                                        ("missing.jsonl", "not found"), ("bad.jsonl", "invalid JSON"),
+                                        ("nofield.jsonl", "no string field")])
+def test_errors_are_one_line(tmp_path: Path, name: str, match: str) -> None:
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "nofield.jsonl").write_text('{"q": 1}\n')
+    target = name if name == "nonsense" else str(tmp_path / name)
+    with pytest.raises(ExpertflowError, match=match) as info:
+        load_prompts(target)
+    assert "\n" not in str(info.value)
+    assert set(NAMED_DATASETS) == {"alpaca", "xsum", "wmt16", "aime24"}
