@@ -12,6 +12,11 @@ from expertflow.routing import RoutingRecorder
 from expertflow.stats import RunStats
 
 
+def check_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise ExpertflowError("empty prompt: pass some text with --prompt")
+
+
 class ExpertflowModel:
     """An offloaded MoE model: `.generate(...)`, `.stats` (the last run's figures), `.tokenizer`."""
 
@@ -52,8 +57,7 @@ class ExpertflowModel:
         return self._parts.adapter.top_k
 
     def encode(self, prompt: str) -> list[int]:
-        if not prompt or not prompt.strip():
-            raise ExpertflowError("empty prompt: pass some text with --prompt")
+        check_prompt(prompt)
         if self.tokenizer is None:
             raise ExpertflowError(f"{self.config.model} has no tokenizer files; pass token ids (input_ids=...) instead")
         return list(self.tokenizer(prompt)["input_ids"])

@@ -62,10 +62,12 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     if not layers:
         raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")
 
-    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype,
-                                 **({"pin_memory": True} if config.store == "host" and config.device.startswith("cuda") else {}))
-    capacity = config.capacity(len(store.refs), store.expert_bytes)
+    # The policy checks the budget before any expert is read, so a bad budget fails fast.
+    expert_bytes = adapter.layout.numel * torch.empty((), dtype=config.torch_dtype).element_size()
+    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes)
     policy = policy_class(config.policy)(capacity, layers, adapter.num_experts, adapter.top_k)
+    pinned = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
+    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **pinned)
     cache = ExpertCache(Residency(capacity, policy), store, config.torch_device)
     for layer in layers:
         model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer))

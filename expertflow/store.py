@@ -55,7 +55,8 @@ class HostStore(ExpertStore):
                  pin_memory: bool = False) -> None:
         super().__init__(checkpoint, adapter, layers, dtype)
         self._buffers: dict[Key, torch.Tensor] = {}
-        for key in tqdm(self.refs, desc="experts -> host memory", unit="expert", leave=False):
+        for key in tqdm(self.refs, desc="experts -> host memory", unit="expert",
+                        leave=False, disable=None):
             buf = torch.empty(self.numel, dtype=dtype, pin_memory=pin_memory)
             checkpoint.read_expert_into(self.refs[key], buf)
             self._buffers[key] = buf

@@ -9,6 +9,9 @@ import torch
 
 from tests.tiny_models import TINY_CONFIGS, EMBEDDED_MODEL_DIR, save_tiny_model
 
+# Test models are tiny: one intra-op thread avoids OpenMP spin-waiting, which costs 100x on a busy 2-core box.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from expertflow.errors import ExpertflowError
 from expertflow.policies.base import CachePolicy, Key
 
 
 class AllResidentPolicy(CachePolicy):
     name = "none"
-
-    def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
-        super().__init__(capacity, layers, num_experts, top_k)
-        if capacity != len(self.layers) * num_experts:
-            raise ExpertflowError(
-                f"policy 'none' keeps all {len(self.layers) * num_experts} experts resident; "
-                "drop --cache-experts/--cache-bytes or choose a caching policy such as lru"
-            )
 
     @classmethod
     def min_capacity(cls, layers: Sequence[int], num_experts: int, top_k: int) -> int:
@@ -25,7 +16,7 @@ class AllResidentPolicy(CachePolicy):
 
     @classmethod
     def minimum_reason(cls, layers: Sequence[int], top_k: int) -> str:
-        return "it keeps every expert resident"
+        return "it keeps every expert resident; without a budget it is the default, with one choose lru"
 
     def initial_residents(self) -> list[Key]:
         return [(layer, e) for layer in self.layers for e in range(self.num_experts)]

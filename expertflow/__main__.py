@@ -1,0 +1,5 @@
+import sys
+
+from expertflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""The `expertflow` command: one subcommand per module, each with a `register(subparsers)` function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from expertflow.errors import ExpertflowError
+
+# Each module registers its subcommands; the order here is the order in `expertflow --help`.
+_COMMAND_MODULES = ("generate", "trace", "predictor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="expertflow", description="Run MoE models with offloaded experts.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"expertflow.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ExpertflowError as exc:
+        print(f"expertflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("expertflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

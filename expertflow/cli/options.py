@@ -1,0 +1,33 @@
+"""Engine flags shared by every command that runs a model, and the config they build."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from expertflow.config import EngineConfig, parse_size
+from expertflow.policies import POLICIES
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--cache-experts", type=int, default=None, metavar="N", help="fast-tier expert slots")
+    budget.add_argument("--cache-bytes", type=str, default=None, metavar="SIZE",
+                        help="fast-tier budget for experts, e.g. 2GiB, 300MB")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
+                        help="cache policy (default: none without a budget, lru with one)")
+    parser.add_argument("--store", choices=("host", "disk"), default="host", help="slow tier for experts")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    model = {"model": args.model} if args.model is not None else {}
+    return EngineConfig(
+        **model,
+        cache_experts=args.cache_experts,
+        cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
+        policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
+    )

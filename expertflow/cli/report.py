@@ -1,0 +1,33 @@
+"""Presenting results: rich tables for people, one final JSON line for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("figure", "system", "policy") else "left")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    Console(file=sys.stdout, width=120).print(table)
+
+
+def print_json_line(payload: dict) -> None:
+    """The last stdout line of a --json run: one JSON object."""
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
