@@ -65,10 +65,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> l
     return out
 
 
-def collect_traces(model: RoutingRecorder, prompts: Sequence[str], config: TracingConfig,
-                   on_batch: Callable[[int], None] | None = None) -> TraceSet:
-    """R runs of every prompt, batched; `on_batch(n)` is called after each batch of n sequences."""
-    prompt_ids = encode_prompts(model.tokenizer, prompts, config.max_prompt_tokens)
+def collect_traces(model: RoutingRecorder, prompt_ids: Sequence[list[int]], config: TracingConfig,
+                   on_batch: Callable[[int], None] | None = None, first_index: int = 0) -> TraceSet:
+    """R runs of every prompt (token ids, see `encode_prompts`), batched; `on_batch(n)` is called after
+    each batch of n sequences. `first_index` is the dataset index of the first prompt, recorded in
+    each sequence's `prompt_index`."""
     sequences: list[TraceSequence] = []
     for run in range(config.runs):
         for start in range(0, len(prompt_ids), config.batch_size):
@@ -79,7 +80,7 @@ def collect_traces(model: RoutingRecorder, prompts: Sequence[str], config: Traci
                                  temperature=config.temperature, seed=seed, record_routing=True)
             for offset, (ids, generated, routing) in enumerate(zip(batch, out.sequences, out.routing)):
                 sequences.append(TraceSequence(np.array(ids), np.array(generated), np.asarray(routing),
-                                               prompt_index=start + offset, run=run))
+                                               prompt_index=first_index + start + offset, run=run))
             if on_batch is not None:
                 on_batch(len(batch))
     header = TraceHeader(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,

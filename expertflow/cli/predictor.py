@@ -65,10 +65,11 @@ def _read_all(paths: list[Path]) -> list[TraceSet]:
     return traces
 
 
-def _vocab_size(traces: list[TraceSet]) -> int:
+def _vocab_size(traces: list[TraceSet], embeddings: torch.Tensor | None) -> int:
+    # The model's vocabulary when known (header or embeddings), so ids unseen in training stay in range.
     declared = max(t.header.vocab_size for t in traces)
     seen = max(int(s.token_ids.max()) for t in traces for s in t.sequences if s.num_tokens) + 1
-    return max(declared, seen)
+    return max(declared, seen, 0 if embeddings is None else embeddings.shape[0])
 
 
 def _embeddings(model_dir: Path | None) -> torch.Tensor | None:
@@ -83,15 +84,19 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     traces = _read_all(args.traces)
+    embeddings = _embeddings(args.init_embeddings)
     h = traces[0].header
     try:
-        model_config = PredictorConfig(vocab_size=_vocab_size(traces), num_layers=h.num_layers,
+        model_config = PredictorConfig(vocab_size=_vocab_size(traces, embeddings), num_layers=h.num_layers,
                                        num_experts=h.num_experts, top_k=h.top_k, model_name=h.model,
                                        **_given(args, _MODEL_FLAGS))
         train_config = TrainConfig(**_given(args, _TRAIN_FLAGS))
     except ValueError as exc:
         raise ExpertflowError(str(exc)) from None
-    result = train_predictor(traces, model_config, train_config, embeddings=_embeddings(args.init_embeddings))
+    if embeddings is not None and embeddings.shape[0] != model_config.vocab_size:
+        raise ExpertflowError(f"{args.init_embeddings} has {embeddings.shape[0]} embeddings but the traces use "
+                              f"token ids up to {model_config.vocab_size - 1}: is it the traced model?")
+    result = train_predictor(traces, model_config, train_config, embeddings=embeddings)
     tables = build_tables(traces, model_config.vocab_size)
     summary = {
         "traces": [str(p) for p in args.traces], "train": dataclasses.asdict(train_config),
@@ -125,6 +130,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
         raise ExpertflowError(f"{args.traces} has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "
                               f"predicts L={c.num_layers} E={c.num_experts} K={c.top_k}")
+    top_id = max((int(s.token_ids.max()) for s in traces.sequences if s.num_tokens), default=0)
+    if top_id >= c.vocab_size:
+        raise ExpertflowError(f"{args.traces} has token id {top_id}, outside the predictor's vocabulary of "
+                              f"{c.vocab_size}: traces and predictor come from different models")
     try:
         config = EvalConfig(**_given(args, ("batch_size", "budget")))
     except ValueError as exc:

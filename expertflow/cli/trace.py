@@ -12,7 +12,7 @@ from tqdm import tqdm
 from expertflow.datasets import NAMED_DATASETS, load_prompts
 from expertflow.errors import ExpertflowError
 from expertflow.traces import read_traces, summarize
-from expertflow.tracing import TracingConfig, collect_traces
+from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,8 +54,11 @@ def run_trace(args: argparse.Namespace) -> int:
     if not prompts:
         raise ExpertflowError(f"dataset {args.dataset!r} has no prompts after skipping {args.skip}")
     model = expertflow.from_pretrained(args.model)
+    if model.tokenizer is None:
+        raise ExpertflowError(f"{args.model} has no tokenizer files; tracing a prompt set needs one")
+    prompt_ids = encode_prompts(model.tokenizer, prompts, config.max_prompt_tokens)
     with tqdm(total=len(prompts) * config.runs, unit="seq", desc="tracing") as bar:
-        traces = collect_traces(model, prompts, config, on_batch=bar.update)
+        traces = collect_traces(model, prompt_ids, config, on_batch=bar.update, first_index=args.skip)
     traces.write(args.out)
     Console().print(f"wrote {args.out}: {len(traces.sequences)} sequences, {traces.num_tokens} tokens")
     return 0

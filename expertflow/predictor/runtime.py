@@ -38,6 +38,8 @@ class RoutingPredictor:
         keeps the padding from touching real positions)."""
         if not token_ids or any(len(ids) == 0 for ids in token_ids):
             raise ValueError("predict needs at least one non-empty sequence")
+        if max(max(ids) for ids in token_ids) >= self.config.vocab_size or min(min(ids) for ids in token_ids) < 0:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         lengths = torch.tensor([len(ids) for ids in token_ids])
         batch = torch.zeros(len(token_ids), int(lengths.max()), dtype=torch.long)
         for i, ids in enumerate(token_ids):
