@@ -7,7 +7,9 @@ left on disk and read one at a time.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +18,23 @@ from safetensors import safe_open
 from expertflow.adapters import TensorRef
 from expertflow.errors import ExpertflowError
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
 SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where a tensor's bytes sit in a file: for reading them with one positional read, bypassing mmap."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -27,9 +45,11 @@ class Checkpoint:
         self.directory = Path(directory)
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         for path in self._shard_paths():
             handle = _open(path)
             self._handles[path] = handle
+            self._headers[path] = _read_header(path)
             for name in handle.keys():
                 self._file_of[name] = path
         self._check_index_complete()
@@ -76,6 +96,18 @@ class Checkpoint:
             return self.read(ref.name)
         return self._handles[self._file_of[ref.name]].get_slice(ref.name)[ref.index]
 
+    def extent(self, ref: TensorRef) -> Extent:
+        """The byte range of a per-expert tensor, or of one expert's row of a fused 3-D tensor."""
+        path = self._file_of[ref.name]
+        data_start, header = self._headers[path]
+        entry = header[ref.name]
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if ref.index is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + ref.index * row, begin + (ref.index + 1) * row, shape[1:]
+        return Extent(path, data_start + begin, end - begin, _DTYPES[entry["dtype"]], shape)
+
     def read_expert_into(self, refs: list[TensorRef], out: torch.Tensor) -> None:
         """Fill a flat expert buffer from the checkpoint, piece after piece (casting to out's dtype)."""
         offset = 0
@@ -91,6 +123,13 @@ class Checkpoint:
                 f"expert tensors {refs[0].name}... hold {offset} values, the config implies {out.numel()}; "
                 "checkpoint and config.json disagree"
             )
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(offset where tensor data starts, the JSON header) of a safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return 8 + length, json.loads(f.read(length))
 
 
 def _open(path: Path):

@@ -7,13 +7,15 @@ time it is fetched.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
 from tqdm import tqdm
 
 from expertflow.adapters import MoEAdapter, TensorRef
-from expertflow.checkpoint import Checkpoint
+from expertflow.checkpoint import Checkpoint, Extent
+from expertflow.errors import ExpertflowError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -69,16 +71,54 @@ class HostStore(ExpertStore):
 
 
 class DiskStore(ExpertStore):
+    """Reads each expert's bytes from the safetensors files with positional reads, straight into the
+    destination when dtypes match. With `drop_page_cache`, the read range is dropped from the OS page
+    cache afterwards (posix_fadvise DONTNEED), so the next fetch really reads the disk again."""
+
     name = "disk"
 
+    def __init__(self, checkpoint: Checkpoint, adapter: MoEAdapter, layers: list[int], dtype: torch.dtype,
+                 drop_page_cache: bool = False) -> None:
+        super().__init__(checkpoint, adapter, layers, dtype)
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self.extents: dict[Key, list[Extent]] = {k: [checkpoint.extent(r) for r in refs] for k, refs in self.refs.items()}
+        self._fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for ex in self.extents.values() for e in ex}}
+
     def read_into(self, key: Key, out: torch.Tensor) -> None:
-        if out.is_cuda:
-            # Safetensors reads into host memory; stage there, then one copy to the device.
-            staging = torch.empty(self.numel, dtype=self.dtype)
-            self.checkpoint.read_expert_into(self.refs[key], staging)
-            out.copy_(staging)
-        else:
-            self.checkpoint.read_expert_into(self.refs[key], out)
+        position = 0
+        for extent in self.extents[key]:
+            numel = extent.nbytes // _itemsize(extent.dtype)
+            target = out[position : position + numel]
+            direct = extent.dtype == out.dtype and out.device.type == "cpu"
+            buffer = target if direct else torch.empty(numel, dtype=extent.dtype)
+            self._pread(extent, buffer)
+            if not direct:
+                target.copy_(buffer)
+            position += numel
+        if position != out.numel():
+            raise ExpertflowError(f"expert {key} holds {position} values on disk, the config implies {out.numel()}; "
+                                  "checkpoint and config.json disagree")
+
+    def _pread(self, extent: Extent, buffer: torch.Tensor) -> None:
+        fd = self._fds[extent.path]
+        view = memoryview(buffer.view(torch.uint8).numpy())
+        done = 0
+        while done < extent.nbytes:
+            n = os.preadv(fd, [view[done:]], extent.offset + done)
+            if n <= 0:
+                raise ExpertflowError(f"{extent.path} ended early while reading an expert; the file is truncated")
+            done += n
+        if self.drop_page_cache:
+            os.posix_fadvise(fd, extent.offset, extent.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 STORES: dict[str, type[ExpertStore]] = {"host": HostStore, "disk": DiskStore}

@@ -86,3 +86,33 @@ def test_embedded_model_matches_transformers(embedded_model_dir, cache, store):
     if all(len(s) == 16 for s in theirs):
         torch.testing.assert_close(ours.last_logits, logits, atol=1e-5, rtol=0)
     assert ours.stats.peak_expert_bytes <= cache * ours.stats.expert_bytes
+
+
+def test_bf16_checkpoint_runs_in_fp32_from_either_store(tmp_path, tiny_mixtral_dir):
+    """A bf16 checkpoint upcast on load: disk reads (staged cast) equal host reads and transformers in fp32."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    host = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="host")
+    disk = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="disk")
+    a = host.generate(input_ids=PROMPTS, max_new_tokens=8)
+    b = disk.generate(input_ids=PROMPTS, max_new_tokens=8)
+    assert a.sequences == b.sequences and torch.equal(a.last_logits, b.last_logits)
+    theirs, _ = reference_generate(tmp_path / "bf16", PROMPTS, 8, 1)
+    assert a.sequences == theirs
+
+
+def test_disk_store_dropping_page_cache_reads_the_same_bytes(tiny_mixtral_dir):
+    from expertflow.checkpoint import Checkpoint
+    from expertflow.store import DiskStore, HostStore
+
+    m = expertflow.from_pretrained(tiny_mixtral_dir)
+    adapter, layers = m.engine.parts.adapter, m.engine.parts.layers
+    checkpoint = Checkpoint(tiny_mixtral_dir)
+    host = HostStore(checkpoint, adapter, layers, torch.float32)
+    disk = DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
+    for key in host.keys:
+        a, b = torch.empty(host.numel), torch.empty(disk.numel)
+        host.read_into(key, a)
+        disk.read_into(key, b)
+        assert torch.equal(a, b), key
+    disk.close()
