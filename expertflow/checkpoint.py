@@ -96,6 +96,12 @@ class Checkpoint:
             return self.read(ref.name)
         return self._handles[self._file_of[ref.name]].get_slice(ref.name)[ref.index]
 
+    def file_of(self, name: str) -> Path:
+        return self._file_of[name]
+
+    def extent_of(self, name: str) -> Extent:
+        return self.extent(TensorRef(name))
+
     def extent(self, ref: TensorRef) -> Extent:
         """The byte range of a per-expert tensor, or of one expert's row of a fused 3-D tensor."""
         path = self._file_of[ref.name]

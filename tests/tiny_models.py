@@ -32,6 +32,9 @@ TINY_CONFIGS: dict[str, dict] = {
                         num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
                         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=16, num_hidden_layers=2, num_local_experts=8,
+                    num_experts_per_tok=2, head_dim=8, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=16),
 }
 
 
@@ -47,7 +50,7 @@ def save_tiny_model(family: str, out: Path, seed: int = 0) -> Path:
     # Router weights scaled up so routing is decisive and varies by token (random init is near-uniform).
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] != 1:
+            if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2 and param.shape[0] != 1:
                 param.mul_(20.0)
     model.save_pretrained(out)
     return out

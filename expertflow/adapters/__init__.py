@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from expertflow.adapters.base import ExpertLayout, ExpertPart, MoEAdapter, TensorRef
 from expertflow.adapters.deepseek import DeepseekAdapter
+from expertflow.adapters.gpt_oss import GptOssAdapter
 from expertflow.adapters.mixtral import MixtralAdapter
 from expertflow.adapters.olmoe import OlmoeAdapter
 from expertflow.adapters.qwen2_moe import Qwen2MoeAdapter
@@ -16,6 +17,7 @@ ADAPTERS: tuple[type[MoEAdapter], ...] = (
     Qwen3MoeAdapter,
     OlmoeAdapter,
     DeepseekAdapter,
+    GptOssAdapter,
 )
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in cls.architectures)

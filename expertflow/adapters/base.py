@@ -75,8 +75,11 @@ class MoEAdapter:
     # Module path of a layer's MoE block (the one with `.experts`), and its name in hub checkpoints.
     block_path: str = "model.layers.{layer}.mlp"
     checkpoint_block_paths: tuple[str, ...] = ("model.layers.{layer}.mlp",)
-    # Per-expert tensor names in hub checkpoints, in flat-buffer order: gate rows, up rows, down.
-    hub_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # Per-expert tensor names in hub checkpoints, in flat-buffer order: gate rows, up rows, down
+    # (None: the family only publishes fused tensors).
+    hub_expert_names: tuple[str, ...] | None = ("gate_proj", "up_proj", "down_proj")
+    # Fused 3-D tensor names (experts along dim 0), in flat-buffer order, as transformers 5 names them.
+    fused_expert_names: tuple[str, ...] = ("gate_up_proj", "down_proj")
     num_experts_attr: str = "num_experts"
     intermediate_attr: str = "moe_intermediate_size"
 
@@ -86,11 +89,15 @@ class MoEAdapter:
         self.top_k: int = int(config.num_experts_per_tok)
         self.hidden_size: int = int(config.hidden_size)
         self.intermediate_size: int = int(getattr(config, self.intermediate_attr))
-        self.layout = ExpertLayout.of(
+        self.layout = self.expert_layout()
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = ACT2FN[config.hidden_act]
+
+    def expert_layout(self) -> ExpertLayout:
+        """SwiGLU experts as transformers 5 holds them: gate_up (2I, H) = [gate; up], down (H, I)."""
+        return ExpertLayout.of(
             ("gate_up", (2 * self.intermediate_size, self.hidden_size)),
             ("down", (self.hidden_size, self.intermediate_size)),
         )
-        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = ACT2FN[config.hidden_act]
 
     # ---- module paths -------------------------------------------------------------------------
     def moe_layers(self, model: nn.Module) -> list[int]:
@@ -114,29 +121,31 @@ class MoEAdapter:
         return checkpoint_key
 
     def is_expert_tensor(self, checkpoint_key: str) -> bool:
-        return ".experts." in checkpoint_key and (
-            ".experts.gate_up_proj" in checkpoint_key
-            or ".experts.down_proj" in checkpoint_key
-            or any(f".{n}." in checkpoint_key for n in self.hub_expert_names)
-        )
+        if ".experts." not in checkpoint_key:
+            return False
+        leaf = checkpoint_key.rsplit(".experts.", 1)[1]
+        per_expert = leaf.split(".")
+        if self.hub_expert_names and len(per_expert) == 3 and per_expert[0].isdigit():
+            return per_expert[1] in self.hub_expert_names
+        return leaf in self.fused_expert_names
 
     def expert_refs(self, layer: int, expert: int, available: Collection[str]) -> list[TensorRef]:
         """The checkpoint tensors that fill expert (layer, expert)'s flat buffer, in order.
 
         Looks for the hub per-expert layout first, then the fused 3-D layout, under every block path
         the family's checkpoints use."""
-        gate, up, down = self.hub_expert_names
         for path in self._block_paths(layer):
-            hub = [f"{path}.experts.{expert}.{n}.weight" for n in (gate, up, down)]
-            if all(name in available for name in hub):
-                return [TensorRef(name) for name in hub]
-            fused = [f"{path}.experts.gate_up_proj", f"{path}.experts.down_proj"]
+            if self.hub_expert_names:
+                hub = [f"{path}.experts.{expert}.{n}.weight" for n in self.hub_expert_names]
+                if all(name in available for name in hub):
+                    return [TensorRef(name) for name in hub]
+            fused = [f"{path}.experts.{n}" for n in self.fused_expert_names]
             if all(name in available for name in fused):
                 return [TensorRef(name, expert) for name in fused]
         raise ExpertflowError(
-            f"checkpoint has no weights for expert {expert} of layer {layer} "
-            f"(looked for {self._block_paths(layer)[0]}.experts.{expert}.{gate}.weight and fused gate_up_proj); "
-            "the safetensors files are incomplete or not from this architecture"
+            f"checkpoint has no weights for expert {expert} of layer {layer} (looked for "
+            f"{self._block_paths(layer)[0]}.experts.{self.fused_expert_names[0]} and per-expert tensors); "
+            "the safetensors files are incomplete, quantized, or not from this architecture"
         )
 
     def _block_paths(self, layer: int) -> list[str]:

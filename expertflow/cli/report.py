@@ -21,7 +21,7 @@ def human_bytes(n: float) -> str:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="right" if column not in ("figure", "system", "policy") else "left")
+        table.add_column(column, justify="left" if column in ("figure", "value", "system", "policy") else "right")
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     Console(file=sys.stdout, width=120).print(table)

@@ -1,0 +1,49 @@
+"""`expertflow inspect`: a conformance report of a checkpoint, or a one-line error naming what is unsupported."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.conformance import inspect_model
+from expertflow.embedded import EMBEDDED_MODEL_DIR
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inspect", help="report architecture, experts, checkpoint layout, minimum cache")
+    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the report")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = inspect_model(args.model)
+    minimum = ", ".join(f"{name} {n}" for name, n in report.min_cache_experts.items())
+    rows = [
+        ("architecture", f"{report.architecture} ({report.model_type})"),
+        ("layers", f"{report.layers}: MoE {_ranges(report.moe_layers)}"
+                   + (f", dense {_ranges(report.dense_layers)}" if report.dense_layers else "")),
+        ("experts", f"{report.experts_per_layer} per layer, top-{report.top_k}"),
+        ("expert bytes", f"{human_bytes(report.expert_bytes)} each, {human_bytes(report.all_expert_bytes)} in all"),
+        ("resident bytes", f"{human_bytes(report.resident_bytes)} (non-expert weights)"),
+        ("checkpoint", f"{report.checkpoint_layout} experts, {report.checkpoint_dtype}, "
+                       + (f"sharded ({report.shards} files)" if report.sharded else "single file")),
+        ("minimum cache", f"{minimum} experts"),
+    ]
+    print_table(f"{args.model}", ("figure", "value"), rows)
+    if args.json:
+        print_json_line(report.as_dict())
+    return 0
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(f"{start}" if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts) or "none"
