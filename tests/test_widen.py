@@ -1,0 +1,36 @@
+"""Widened experts (zero padding) leave tokens and routing unchanged while experts get bigger."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expertflow
+from expertflow.cli import main
+from expertflow.errors import ExpertflowError
+from expertflow.widen import widen_checkpoint
+
+PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9]]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_widened_model_generates_the_same_tokens_and_routing(tmp_path, tiny_model_dirs, family):
+    wide = widen_checkpoint(tiny_model_dirs[family], tmp_path / "wide", intermediate_size=64)
+    a = expertflow.from_pretrained(tiny_model_dirs[family], cache_experts=6)
+    b = expertflow.from_pretrained(wide, cache_experts=6, store="disk")
+    assert b.cache.expert_bytes == a.cache.expert_bytes * 4
+    out_a = a.generate(input_ids=PROMPTS, max_new_tokens=10, record_routing=True)
+    out_b = b.generate(input_ids=PROMPTS, max_new_tokens=10, record_routing=True)
+    assert out_a.sequences == out_b.sequences
+    assert all((ra == rb).all() for ra, rb in zip(out_a.routing, out_b.routing))
+    torch.testing.assert_close(out_a.last_logits, out_b.last_logits, atol=1e-5, rtol=0)
+
+
+def test_widen_refuses_shrinking_and_existing_output(capsys, tmp_path, tiny_mixtral_dir):
+    with pytest.raises(ExpertflowError, match="below the model's 16"):
+        widen_checkpoint(tiny_mixtral_dir, tmp_path / "w", intermediate_size=8)
+    (tmp_path / "exists").mkdir()
+    capsys.readouterr()
+    rc = main(["widen", "--model", str(tiny_mixtral_dir), "--intermediate-size", "32", "--out", str(tmp_path / "exists")])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
