@@ -1,0 +1,81 @@
+"""Micro-benchmark: wall time of one scheduling decision (2 x 32 tokens, L=8, E=32, K=2 by default).
+
+The paper budgets < 10 ms of CPU per decision (section 3.3.2). Routing paths are drawn with a skewed
+per-layer expert popularity, like real routers, from a fixed seed. Warm-up, then the median of `--repeats`
+timed calls per scheduler; prints a table and a final JSON line.
+
+    python bench/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")      # the box is shared; one decision is single-threaded
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402  (after the thread settings, which numpy reads at import)
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from expertflow.scheduler import SCHEDULERS, routing_paths, total_distinct  # noqa: E402
+
+GOAL_MS = 10.0
+
+
+def skewed_routing(rng: np.random.Generator, n: int, layers: int, experts: int, top_k: int) -> np.ndarray:
+    """(n, L, E) bool paths: each layer has its own Dirichlet popularity over experts."""
+    popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)                   # (L, E)
+    ids = np.stack([[rng.choice(experts, top_k, replace=False, p=popularity[l]) for l in range(layers)]
+                    for _ in range(n)])                                               # (n, L, K)
+    return routing_paths(ids, experts)
+
+
+def time_scheduler(name: str, instances: list[np.ndarray], batch_size: int, unit: int,
+                   repeats: int) -> dict:
+    scheduler = SCHEDULERS[name]()
+    for paths in instances[:3]:
+        scheduler.group(paths, batch_size, unit)                                      # warm-up
+    times, costs = [], []
+    for r in range(repeats):
+        paths = instances[r % len(instances)]
+        start = time.perf_counter()
+        grouping = scheduler.group(paths, batch_size, unit)
+        times.append(1e3 * (time.perf_counter() - start))
+        costs.append(total_distinct(paths, grouping) / unit)
+    times.sort()
+    return {"scheduler": name, "median_ms": times[len(times) // 2], "p90_ms": times[int(0.9 * (len(times) - 1))],
+            "distinct_per_batch": float(np.mean(costs))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unit", type=int, default=2)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--schedulers", default="fifo,similarity,swap")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    n = args.batch_size * args.unit
+    instances = [skewed_routing(rng, n, args.layers, args.experts, args.top_k) for _ in range(10)]
+    rows = [time_scheduler(name, instances, args.batch_size, args.unit, args.repeats)
+            for name in args.schedulers.split(",")]
+    table = Table("scheduler", "median ms", "p90 ms", "distinct / batch", f"< {GOAL_MS:g} ms",
+                  title=f"one decision: {args.unit} x {args.batch_size} tokens, L={args.layers} E={args.experts} "
+                        f"K={args.top_k}")
+    for r in rows:
+        table.add_row(r["scheduler"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['distinct_per_batch']:.1f}",
+                      "yes" if r["median_ms"] < GOAL_MS else "NO")
+    Console().print(table)
+    print(json.dumps({"batch_size": args.batch_size, "unit": args.unit, "layers": args.layers,
+                      "experts": args.experts, "top_k": args.top_k, "goal_ms": GOAL_MS, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""`expertflow schedule-eval`: replay recorded decode steps through the token schedulers.
+
+Shape legend: G generated tokens of a sequence, S all its tokens, L layers, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from expertflow.errors import ExpertflowError
+from expertflow.scheduler.evaluate import Paths, Row, ScheduleEvalConfig, evaluate, generated_paths
+from expertflow.traces import TraceSet, read_traces
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("schedule-eval", help="distinct experts per batch under each token scheduler, "
+                                                    "replayed from a trace file")
+    p.add_argument("--traces", required=True, type=Path, help="trace file (from `expertflow trace`)")
+    p.add_argument("--batch-size", type=_int_list, default=None, metavar="B[,B...]", help="default 4,8,16")
+    p.add_argument("--schedule-unit", type=_int_list, default=None, metavar="U[,U...]",
+                   help="batches regrouped together (default 2,4)")
+    p.add_argument("--schedulers", type=_name_list, default=None, metavar="NAME[,NAME...]",
+                   help="default fifo,similarity,swap")
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="predictor directory: also schedule from its predicted routing (scored on the true one)")
+    p.add_argument("--exact-nodes", type=int, default=None, help="branch-and-bound nodes per exact instance")
+    p.add_argument("--exact-instances", type=int, default=None, help="instances per cell for the exact solver")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="bar chart of the reductions")
+    p.set_defaults(func=run_schedule_eval)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _config(args: argparse.Namespace) -> ScheduleEvalConfig:
+    given = {"batch_sizes": args.batch_size, "units": args.schedule_unit, "schedulers": args.schedulers,
+             "exact_nodes": args.exact_nodes, "exact_instances": args.exact_instances}
+    try:
+        return ScheduleEvalConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+
+
+def predicted_paths(traces: TraceSet, directory: Path, threads: int) -> Paths:
+    """Top-k of the predictor's probabilities for every generated token: bool (G, L, E) per sequence."""
+    import torch
+
+    from expertflow.predictor.runtime import RoutingPredictor
+
+    torch.set_num_threads(threads)
+    predictor = RoutingPredictor.load(directory)
+    h, c = traces.header, predictor.config
+    if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
+        raise ExpertflowError(f"the trace has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "
+                              f"predicts L={c.num_layers} E={c.num_experts} K={c.top_k}")
+    out = []
+    for seq in traces.sequences:
+        probs = predictor.predict_array(seq.token_ids)[len(seq.prompt_ids):]         # (G, L, E)
+        top = np.argsort(-probs, axis=-1, kind="stable")[..., : h.top_k]
+        mask = np.zeros(probs.shape, dtype=bool)
+        np.put_along_axis(mask, top, True, axis=-1)
+        out.append(mask)
+    return out
+
+
+def run_schedule_eval(args: argparse.Namespace) -> int:
+    config = _config(args)
+    traces = read_traces(args.traces)
+    if not traces.sequences:
+        raise ExpertflowError(f"{args.traces} holds no sequences")
+    if args.predictor is not None and args.threads < 1:
+        raise ExpertflowError(f"--threads must be >= 1, got {args.threads}")
+    true = generated_paths(traces)
+    predicted = predicted_paths(traces, args.predictor, args.threads) if args.predictor else None
+    rows = evaluate(true, predicted, config)
+    if not any(r.instances for r in rows):
+        raise ExpertflowError(f"{args.traces}: no unit of {max(config.units)} x {max(config.batch_sizes)} "
+                              f"sequences; use smaller --batch-size or --schedule-unit")
+    _print_table(rows, args.traces)
+    if args.plot is not None:
+        _plot(rows, args.plot)
+    if args.json:
+        print(json.dumps({"traces": str(args.traces), "predictor": str(args.predictor) if args.predictor else None,
+                          "config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows]}))
+    return 0
+
+
+def _print_table(rows: list[Row], path: Path) -> None:
+    table = Table("U x B", "routing", "scheduler", "steps", "distinct/batch", "vs fifo", "vs exact", "solved", "ms",
+                  title=f"{path.name}: distinct (layer, expert) pairs per batch, scored on the true routing; "
+                        f"vs exact on the solved sample; ms per scheduling call")
+    for r in rows:
+        gap = f"{100 * r.gap_to_exact:+.2f}%" if r.gap_to_exact is not None else "-"
+        table.add_row(f"{r.unit} x {r.batch_size}", r.routing, r.scheduler, str(r.instances),
+                      f"{r.distinct_per_batch:.1f}", f"{-100 * r.reduction_vs_fifo:+.1f}%", gap,
+                      f"{r.exact_solved}/{r.exact_tried}", f"{r.schedule_ms:.2f}")
+    Console().print(table)
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sorted({(r.unit, r.batch_size) for r in rows})
+    series = list(dict.fromkeys((r.routing, r.scheduler) for r in rows if r.scheduler != "fifo"))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cells)), 4))
+    for k, (routing, name) in enumerate(series):
+        values = {(r.unit, r.batch_size): 100 * r.reduction_vs_fifo for r in rows
+                  if (r.routing, r.scheduler) == (routing, name)}
+        ax.bar(np.arange(len(cells)) + k * width, [values.get(c, 0.0) for c in cells], width,
+               label=f"{name} ({routing} routing)", hatch="//" if routing == "predicted" else None)
+    ax.set_xticks(np.arange(len(cells)) + width * (len(series) - 1) / 2, [f"{u} x {b}" for u, b in cells])
+    ax.set_xlabel("scheduling unit: batches x batch size")
+    ax.set_ylabel("fewer distinct experts per batch than fifo (%)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

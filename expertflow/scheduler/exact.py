@@ -1,0 +1,116 @@
+"""`exact`: the optimum of Eq. 2 by branch and bound over balanced partitions, for small units.
+
+Shape legend: N = U * B sequences, L layers, E experts.
+
+Each routing path is a Python int bitset of L * E bits, so a batch's activated pairs are an OR and
+their count a `bit_count`. Sequences are placed one at a time into a batch with room; an empty batch
+is only ever opened in order (batches are interchangeable, so this removes the U! relabellings).
+A partial placement is cut when its cost plus a lower bound on what is still to come reaches the best
+complete grouping found so far, seeded with the `swap` heuristic. The lower bound is the larger of
+  * pairs some unplaced sequence uses that no batch has yet (each costs >= 1 wherever it goes);
+  * per batch with room, the fewest new pairs any unplaced sequence would add to it (it must take
+    at least one of them; batches are disjoint, so these add up).
+`node_limit` bounds the work; an instance that needs more raises `ExactLimitError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from expertflow.errors import ExpertflowError
+from expertflow.scheduler.base import Grouping, Scheduler
+from expertflow.scheduler.swap import SwapScheduler
+
+
+class ExactLimitError(ExpertflowError):
+    """The branch and bound needed more nodes than allowed; the instance is too large to solve exactly."""
+
+
+def bitsets(paths: np.ndarray) -> list[int]:
+    """bool (N, L, E) -> one int per sequence with bit (l * E + e) set for each active pair."""
+    packed = np.packbits(paths.reshape(len(paths), -1), axis=1, bitorder="little")
+    return [int.from_bytes(row.tobytes(), "little") for row in packed]
+
+
+@dataclass
+class _Search:
+    bits: list[int]          # in placement order
+    suffix_or: list[int]     # suffix_or[d] = OR of bits[d:]
+    batch_size: int
+    unit: int
+    node_limit: int
+    best_cost: int
+    best_labels: list[int]
+    nodes: int = 0
+
+    def run(self) -> None:
+        self._place(0, [0] * self.unit, [0] * self.unit, 0, [])
+
+    def _bound(self, depth: int, unions: list[int], sizes: list[int]) -> int:
+        rest = self.bits[depth:]
+        covered = 0
+        for u in unions:
+            covered |= u
+        uncovered = (self.suffix_or[depth] & ~covered).bit_count()
+        per_batch = sum(min((r & ~u).bit_count() for r in rest)
+                        for u, s in zip(unions, sizes) if s < self.batch_size)
+        return max(uncovered, per_batch)
+
+    def _place(self, depth: int, unions: list[int], sizes: list[int], cost: int, labels: list[int]) -> None:
+        self.nodes += 1
+        if self.nodes > self.node_limit:
+            raise ExactLimitError(f"exact scheduling needs more than {self.node_limit} search nodes for "
+                                  f"{self.unit} batches of {self.batch_size}; use a smaller unit or batch")
+        if depth == len(self.bits):
+            if cost < self.best_cost:
+                self.best_cost, self.best_labels = cost, labels.copy()
+            return
+        if cost + self._bound(depth, unions, sizes) >= self.best_cost:
+            return
+        r = self.bits[depth]
+        first_empty = sizes.index(0) if 0 in sizes else self.unit
+        options = [((r & ~unions[b]).bit_count(), b) for b in range(min(first_empty + 1, self.unit))
+                   if sizes[b] < self.batch_size]
+        for added, b in sorted(options):
+            old = unions[b]
+            unions[b], sizes[b] = old | r, sizes[b] + 1
+            labels.append(b)
+            self._place(depth + 1, unions, sizes, cost + added, labels)
+            labels.pop()
+            unions[b], sizes[b] = old, sizes[b] - 1
+
+
+def solve(paths: np.ndarray, batch_size: int, unit: int, node_limit: int) -> tuple[Grouping, int]:
+    """Optimal grouping of validated bool paths (N, L, E) and its objective; raises ExactLimitError."""
+    seed = SwapScheduler()._group(paths, batch_size, unit)
+    seed_labels = seed.batch_of
+    bits = bitsets(paths)
+    # Sequences with many pairs first: they fix the batches' shapes early, so bounds bite sooner.
+    order = sorted(range(len(bits)), key=lambda i: -bits[i].bit_count())
+    ordered = [bits[i] for i in order]
+    suffix = [0] * (len(ordered) + 1)
+    for d in range(len(ordered) - 1, -1, -1):
+        suffix[d] = suffix[d + 1] | ordered[d]
+    seed_cost = sum(int(paths[list(b)].any(0).sum()) for b in seed.batches)
+    search = _Search(ordered, suffix, batch_size, unit, node_limit, seed_cost, [])
+    search.run()
+    if not search.best_labels:
+        return seed, seed_cost
+    labels = np.empty(len(bits), dtype=np.int64)
+    labels[order] = search.best_labels
+    return Grouping.from_labels(labels, unit), search.best_cost
+
+
+@dataclass
+class ExactScheduler(Scheduler):
+    name = "exact"
+    node_limit: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        if self.node_limit < 1:
+            raise ValueError(f"node_limit must be >= 1, got {self.node_limit}")
+
+    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        return solve(paths, batch_size, unit, self.node_limit)[0]
