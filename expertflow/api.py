@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from expertflow.config import EngineConfig, parse_size
-from expertflow.engine import Engine, GenerationOutput
+from expertflow.engine import Engine, GenerationOutput, Predictor
 from expertflow.errors import ExpertflowError
 from expertflow.loading import load
 from expertflow.routing import RoutingRecorder
@@ -20,12 +20,31 @@ def check_prompt(prompt: str) -> None:
 class ExpertflowModel:
     """An offloaded MoE model: `.generate(...)`, `.stats` (the last run's figures), `.tokenizer`."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, predictor: Predictor | None = None) -> None:
         self.config = config
         recorder = RoutingRecorder()
         self._parts = load(config, observer=recorder.observe)
-        self.engine = Engine(self._parts, recorder)
+        self.engine = Engine(self._parts, recorder, self._predictor(predictor))
         self.stats: RunStats | None = None
+
+    def _predictor(self, given: Predictor | None) -> Predictor | None:
+        """The RPP the policy plans from: `given`, else the config's directory; None for other policies."""
+        if not self._parts.policy.uses_forecast:
+            return None
+        if given is None and self.config.predictor is None:
+            raise ExpertflowError(f"policy {self._parts.policy.name!r} plans from a routing predictor; pass "
+                                  "--predictor DIR (train one with expertflow train-predictor)")
+        if given is not None:
+            return given
+        from expertflow.predictor.runtime import RoutingPredictor  # only predictive runs pay for the import
+
+        predictor = RoutingPredictor.load(self.config.predictor, device=self.config.device)
+        shape = (predictor.config.num_layers, predictor.config.num_experts)
+        if shape != (len(self._parts.layers), self._parts.adapter.num_experts):
+            raise ExpertflowError(f"predictor {self.config.predictor} forecasts {shape[0]} layers x {shape[1]} "
+                                  f"experts but the model has {len(self._parts.layers)} x "
+                                  f"{self._parts.adapter.num_experts}; train one on this model's traces")
+        return predictor
 
     @property
     def tokenizer(self):
@@ -67,6 +86,10 @@ class ExpertflowModel:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def close(self) -> None:
+        """Stop the background transfer worker, if the policy has one."""
+        self._parts.cache.close()
+
     def generate(self, prompt: str | list[str] | None = None, *, input_ids: list[list[int]] | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
                  record_routing: bool = False) -> GenerationOutput:
@@ -84,11 +107,16 @@ class ExpertflowModel:
 
 def from_pretrained(path: str | Path | None = None, *, cache_experts: int | None = None,
                     cache_bytes: int | str | None = None, policy: str | None = None, store: str = "host",
-                    device: str = "cpu", dtype: str = "float32") -> ExpertflowModel:
-    """Load an MoE checkpoint with offloaded experts. Without `path`, the embedded tiny-mixtral-32e."""
+                    device: str = "cpu", dtype: str = "float32", predictor: str | Path | Predictor | None = None,
+                    transfer_ratio: float | None = None) -> ExpertflowModel:
+    """Load an MoE checkpoint with offloaded experts. Without `path`, the embedded tiny-mixtral-32e.
+
+    `predictor`: a trained RPP directory, or an object with `predict`/`predict_next` (policy expertflow)."""
     if isinstance(cache_bytes, str):
         cache_bytes = parse_size(cache_bytes)
     kwargs = {"model": Path(path)} if path is not None else {}
+    given = predictor if predictor is not None and not isinstance(predictor, (str, Path)) else None
     config = EngineConfig(**kwargs, cache_experts=cache_experts, cache_bytes=cache_bytes, policy=policy,
-                          store=store, device=device, dtype=dtype)
-    return ExpertflowModel(config)
+                          store=store, device=device, dtype=dtype, transfer_ratio=transfer_ratio,
+                          predictor=Path(predictor) if isinstance(predictor, (str, Path)) else None)
+    return ExpertflowModel(config, given)

@@ -1,19 +1,25 @@
 """The fast tier: a fixed pool of preallocated-on-first-use expert slots on the compute device.
 
-Slot bookkeeping and counters live in `Residency` (pure Python, shared with the simulator); this class
-adds the tensors: it owns the slot buffers and copies experts in from the slow-tier store. On CUDA the
+Slot bookkeeping and counters live in `Residency` and the per-forward order in `CachePlanner` (pure
+Python, shared with the simulator); this class adds the tensors: it owns the slot buffers and copies
+experts in from the slow-tier store. Policies that prefetch get a `TransferWorker`: copies run in the
+background and a layer waits only for the experts it uses; demand copies jump the queue. On CUDA the
 copy runs on a side stream from pinned host memory and the compute stream waits only for that copy.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from expertflow.policies import Key
-from expertflow.residency import CacheCounters, Residency
+from expertflow.policies import Forecast, Key
+from expertflow.policies.planner import CachePlanner, Issued
+from expertflow.prefetch import DEMAND, PREFETCH, Transfer, TransferWorker
+from expertflow.residency import CacheCounters, Placement, Residency
 from expertflow.store import ExpertStore
 
 
@@ -26,6 +32,7 @@ class CacheFigures:
     expert_bytes: int
     peak_expert_bytes: int
     all_expert_bytes: int
+    wait_seconds: float = 0.0  # time layers spent waiting for background transfers
 
     @property
     def bytes_moved(self) -> int:
@@ -33,20 +40,40 @@ class CacheFigures:
 
 
 class ExpertCache:
-    def __init__(self, residency: Residency, store: ExpertStore, device: torch.device) -> None:
+    def __init__(self, residency: Residency, store: ExpertStore, device: torch.device,
+                 transfer_ratio: float | None = None, background: bool = False) -> None:
         self.residency = residency
+        self.planner = CachePlanner(residency, transfer_ratio)
         self.store = store
         self.device = device
         self._slots: list[torch.Tensor | None] = [None] * residency.capacity
+        self._generation = [0] * residency.capacity
+        self._in_flight: dict[Key, Transfer] = {}
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._worker = TransferWorker(self._copy, self._is_current) if background else None
         self.peak_bytes = 0
+        self.wait_seconds = 0.0
         for key in residency.policy.initial_residents():
-            self._fill(key, self.residency.prefetch(key))
+            self._start(key, self.residency.preload(key), DEMAND)
 
     @property
     def expert_bytes(self) -> int:
         return self.store.expert_bytes
+
+    def begin_step(self, forecast: Forecast | None) -> None:
+        """A forward starts: the policy plans and the first window's prefetches go out."""
+        with self._lock:
+            self._issue(self.planner.begin_step(forecast))
+
+    def route(self, layer: int, keys: Sequence[Key]) -> None:
+        with self._lock:
+            self.planner.route(layer, keys)
+
+    def finish_layer(self, layer: int) -> None:
+        with self._lock:
+            self._issue(self.planner.finish_layer(layer))
 
     def acquire(self, key: Key) -> torch.Tensor:
         """The expert's flat weights in the fast tier, loading it on a miss; pinned until `release`."""
@@ -54,28 +81,64 @@ class ExpertCache:
             placement = self.residency.use(key)
             self.residency.pin(key)
             if placement.loaded:
-                self._fill(key, placement)
-            return self._slots[placement.slot]
+                self._start(key, placement, DEMAND)
+            transfer = self._in_flight.pop(key, None)
+            slot = self._slots[placement.slot]
+        if transfer is not None:
+            self._await(transfer)
+        return slot
 
     def release(self, key: Key) -> None:
         with self._lock:
             self.residency.unpin(key)
 
-    def _fill(self, key: Key, placement) -> None:
-        slot = self._slots[placement.slot]
-        if slot is None:
-            slot = torch.empty(self.store.numel, dtype=self.store.dtype, device=self.device)
-            self._slots[placement.slot] = slot
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    def _issue(self, issued: list[Issued]) -> None:
+        for key, placement in issued:
+            self._start(key, placement, PREFETCH)
+
+    def _start(self, key: Key, placement: Placement, priority: int) -> None:
+        """Fill `placement`'s slot with `key`: now without a worker, else as a queued transfer."""
+        if placement.evicted is not None:
+            self._in_flight.pop(placement.evicted, None)
+        self._generation[placement.slot] += 1
+        if self._slots[placement.slot] is None:
+            self._slots[placement.slot] = torch.empty(self.store.numel, dtype=self.store.dtype, device=self.device)
             self.peak_bytes = max(self.peak_bytes, self._allocated_bytes())
+        if self._worker is None:
+            self._wait_event(self._copy(key, placement.slot))
+            return
+        self._in_flight[key] = self._worker.submit(key, placement.slot, self._generation[placement.slot], priority)
+
+    def _await(self, transfer: Transfer) -> None:
+        start = time.perf_counter()
+        self._worker.expedite(transfer)
+        self._wait_event(self._worker.wait(transfer))
+        self.wait_seconds += time.perf_counter() - start
+
+    def _is_current(self, slot: int, generation: int) -> bool:
+        return self._generation[slot] == generation
+
+    @torch.inference_mode()  # slots made during generation are inference tensors; the worker thread must match
+    def _copy(self, key: Key, slot_index: int) -> torch.cuda.Event | None:
+        slot = self._slots[slot_index]
         if self._stream is None:
             self.store.read_into(key, slot)
-            return
-        compute = torch.cuda.current_stream(self.device)
+            return None
         # The slot may still be read by kernels queued on the compute stream: wait for them first.
-        self._stream.wait_stream(compute)
+        self._stream.wait_stream(self._compute)
         with torch.cuda.stream(self._stream):
             self.store.read_into(key, slot)
-        compute.wait_stream(self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
+
+    def _wait_event(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def _allocated_bytes(self) -> int:
         return sum(1 for s in self._slots if s is not None) * self.expert_bytes
@@ -88,4 +151,5 @@ class ExpertCache:
                 expert_bytes=self.expert_bytes,
                 peak_expert_bytes=self.peak_bytes,
                 all_expert_bytes=len(self.store.refs) * self.expert_bytes,
+                wait_seconds=self.wait_seconds,
             )

@@ -41,9 +41,18 @@ class EngineConfig:
     store: str = "host"
     device: str = "cpu"
     dtype: str = "float32"
+    predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it)
+    transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
 
     def __post_init__(self) -> None:
         self.model = Path(self.model).expanduser()
+        if self.predictor is not None:
+            self.predictor = Path(self.predictor).expanduser()
+            if not self.predictor.is_dir():
+                raise ExpertflowError(f"predictor directory {self.predictor} does not exist; train one with "
+                                      "expertflow train-predictor --out DIR")
+        if self.transfer_ratio is not None and self.transfer_ratio <= 0:
+            raise ExpertflowError(f"--transfer-ratio must be positive (expert loads per layer), got {self.transfer_ratio}")
         if not self.model.is_dir():
             raise ExpertflowError(f"model directory {self.model} does not exist; pass --model DIR of a saved checkpoint")
         if self.cache_experts is not None and self.cache_bytes is not None:

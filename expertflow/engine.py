@@ -1,5 +1,7 @@
 """The step loop: prefill, then one token at a time with the model's KV cache, sampling as it goes.
 
+Each step: predict (the RPP forecasts the coming forward's routing, when there is a predictor), plan and
+prefetch (the cache's policy turns the forecast into background transfers), run, sample.
 The engine owns its decode loop (rather than calling `model.generate`) because later stages regroup
 sequences between steps; tests check its tokens against transformers' own `generate`.
 
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
+from expertflow.policies import Forecast
+from expertflow.policies.forecast import batch_forecast
 from expertflow.routing import RoutingRecorder
 from expertflow.stats import RunStats
 
@@ -47,11 +52,20 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
+class Predictor(Protocol):
+    """What the engine needs of a routing predictor (expertflow.predictor.runtime.RoutingPredictor)."""
+
+    def predict(self, token_ids: list[list[int]]) -> torch.Tensor: ...       # (B, S, L, E), zeros past ends
+
+    def predict_next(self, token_ids: list[list[int]]) -> torch.Tensor: ...  # (B, L, E) for each last token
+
+
 class Engine:
-    def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder) -> None:
+    def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder, predictor: Predictor | None = None) -> None:
         self.parts = parts
         self.model = parts.model
         self.recorder = recorder
+        self.predictor = predictor
         self.device = next(parts.model.parameters()).device
         self.max_positions = getattr(parts.model.config, "max_position_embeddings", None)
 
@@ -70,7 +84,7 @@ class Engine:
         before = self.parts.cache.figures()
         start = time.perf_counter()
 
-        logits, kv = self._forward(ids, mask, None)  # prefill
+        logits, kv = self._forward(ids, mask, None, self._forecast(input_ids, prefill=True))
         if record_routing:
             self._keep_prompt_routing(routing, mask)
         prefill_seconds = time.perf_counter() - start
@@ -82,7 +96,8 @@ class Engine:
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            logits, kv = self._forward(token[:, None], mask, kv)
+            forecast = self._forecast(_running(input_ids, generated, finished), prefill=False)
+            logits, kv = self._forward(token[:, None], mask, kv, forecast)
             if record_routing:
                 self._keep_step_routing(routing, generated, step)
         seconds = time.perf_counter() - start
@@ -90,7 +105,7 @@ class Engine:
         if record_routing:  # the last generated tokens have not been through the model yet
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
             last = torch.tensor([g[-1] for g in generated], device=self.device)
-            self._forward(last[:, None], mask, kv)
+            self._forward(last[:, None], mask, kv, self._forecast(_running(input_ids, generated, None), False))
             self._keep_step_routing(routing, generated, max(len(g) for g in generated) - 1)
         self.recorder.enabled = False
 
@@ -123,8 +138,21 @@ class Engine:
             mask[b, width - len(prompt):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, kv):
-        """One model forward over the new positions `ids` (B, S); returns last-position logits (B, V) and KV."""
+    def _forecast(self, token_ids: list[list[int]], prefill: bool) -> Forecast | None:
+        """The predictor's forecast of the coming forward's routing over (layer, expert) keys."""
+        if self.predictor is None or not token_ids:
+            return None
+        if prefill:
+            probs = self.predictor.predict(token_ids).flatten(0, 1)     # (B * S, L, E)
+        else:
+            probs = self.predictor.predict_next(token_ids)              # (B, L, E)
+        return batch_forecast(probs.float().cpu().numpy(), self.parts.layers)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, kv, forecast: Forecast | None):
+        """One model forward over the new positions `ids` (B, S); returns last-position logits (B, V) and KV.
+
+        The cache plans from `forecast` first, so prefetches run while the model computes."""
+        self.parts.cache.begin_step(forecast)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv,
                          use_cache=True, logits_to_keep=1)
@@ -144,3 +172,9 @@ class Engine:
 
     def _routing_shape(self) -> tuple[int, int]:
         return len(self.parts.layers), self.parts.adapter.top_k
+
+
+def _running(prompts: list[list[int]], generated: list[list[int]], finished: torch.Tensor | None) -> list[list[int]]:
+    """Each unfinished sequence's tokens so far (finished ones feed padding; they are not forecast)."""
+    done = [False] * len(prompts) if finished is None else finished.tolist()
+    return [p + g for p, g, f in zip(prompts, generated, done) if not f]

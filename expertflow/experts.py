@@ -3,6 +3,8 @@
 transformers 5 MoE blocks call `self.experts(hidden_states, top_k_index, top_k_weights)`. This module
 has the same signature, fetches each routed expert from the fast-tier cache, and computes the experts
 in the same order and with the same ops as transformers' eager loop, so outputs are bit-identical.
+It tells the cache the layer's routing before acquiring (run-time correction, lookahead prefetches) and
+when the layer is done (the next layer's transfer window opens).
 
 Shape legend: T tokens, H hidden, K top_k.
 """
@@ -43,6 +45,7 @@ class OffloadedExperts(nn.Module):
         with torch.no_grad():
             expert_ids = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]
             by_expert = top_k_index.t()  # (K, T): torch.where over it yields (k, token) pairs in eager's order
+        self._cache.route(self.layer, [(self.layer, e) for e in expert_ids])
         for expert in expert_ids:
             top_k_pos, token_idx = torch.where(by_expert == expert)
             flat = self._cache.acquire((self.layer, expert))
@@ -52,4 +55,5 @@ class OffloadedExperts(nn.Module):
                 self._cache.release((self.layer, expert))
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+        self._cache.finish_layer(self.layer)
         return final_hidden_states

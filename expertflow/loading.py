@@ -66,9 +66,13 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     expert_bytes = adapter.layout.numel * torch.empty((), dtype=config.torch_dtype).element_size()
     capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes)
     policy = policy_class(config.policy)(capacity, layers, adapter.num_experts, adapter.top_k)
+    if policy.needs_future:
+        raise ExpertflowError(f"policy {policy.name!r} needs the future access sequence; compare it with "
+                              "expertflow simulate --policies ...,belady")
     pinned = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
     store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **pinned)
-    cache = ExpertCache(Residency(capacity, policy), store, config.torch_device)
+    cache = ExpertCache(Residency(capacity, policy), store, config.torch_device,
+                        transfer_ratio=config.transfer_ratio, background=policy.prefetches)
     for layer in layers:
         model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer))
 

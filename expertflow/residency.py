@@ -14,17 +14,27 @@ from expertflow.policies import CachePolicy, Key
 
 @dataclass
 class CacheCounters:
-    """Hit ratio = hits / (hits + misses) over demand uses; loads count every transfer into the fast tier."""
+    """Hit ratio = hits / (hits + misses) over demand uses; loads count every transfer into the fast tier.
+
+    A miss is a demand load (run-time correction when a forecast was used); a prefetch hit is the first use
+    of a prefetched expert; a wasted prefetch is one evicted before any use.
+    """
 
     hits: int = 0
     misses: int = 0
     loads: int = 0
     prefetch_loads: int = 0
     evictions: int = 0
+    prefetch_hits: int = 0
+    wasted_prefetches: int = 0
 
     @property
     def uses(self) -> int:
         return self.hits + self.misses
+
+    @property
+    def demand_loads(self) -> int:
+        return self.loads - self.prefetch_loads
 
     @property
     def hit_ratio(self) -> float:
@@ -55,6 +65,7 @@ class Residency:
         self.slot_of: dict[Key, int] = {}
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._pins: Counter[Key] = Counter()
+        self._unused_prefetches: set[Key] = set()
         self.counters = CacheCounters()
         self.slots_used_peak = 0
 
@@ -65,17 +76,32 @@ class Residency:
         """A demand use of `key` by a running layer: a hit, or a miss that loads it now."""
         if key in self.slot_of:
             self.counters.hits += 1
+            if key in self._unused_prefetches:
+                self._unused_prefetches.discard(key)
+                self.counters.prefetch_hits += 1
             self.policy.on_hit(key)
             return Placement(self.slot_of[key], loaded=False, evicted=None)
         self.counters.misses += 1
         return self._load(key)
 
-    def prefetch(self, key: Key) -> Placement:
-        """Bring `key` in ahead of its use (no hit or miss is counted until it is used)."""
+    def prefetch(self, key: Key) -> Placement | None:
+        """Bring `key` in ahead of its use (no hit or miss is counted until it is used).
+
+        None when the policy declines: nothing resident is worth less than the prefetch."""
         if key in self.slot_of:
             return Placement(self.slot_of[key], loaded=False, evicted=None)
+        if not self.policy.admit(key, self.slot_of.keys(), self._pins.keys(), full=not self._free):
+            return None
+        placement = self._load(key)
         self.counters.prefetch_loads += 1
-        return self._load(key)
+        self._unused_prefetches.add(key)
+        return placement
+
+    def preload(self, key: Key) -> Placement:
+        """Load one of the policy's initial residents (a load, but no speculation to judge)."""
+        placement = self._load(key)
+        self.counters.prefetch_loads += 1
+        return placement
 
     def pin(self, key: Key) -> None:
         self._pins[key] += 1
@@ -94,6 +120,9 @@ class Residency:
             slot = self.slot_of.pop(victim)
             self.policy.on_evict(victim)
             self.counters.evictions += 1
+            if victim in self._unused_prefetches:
+                self._unused_prefetches.discard(victim)
+                self.counters.wasted_prefetches += 1
             evicted = victim
         elif self._free:
             slot = self._free.pop()

@@ -25,6 +25,10 @@ class RunStats:
     expert_bytes: int
     peak_expert_bytes: int
     all_expert_bytes: int
+    prefetch_hits: int = 0          # uses served by an expert prefetched for them
+    correction_loads: int = 0       # demand loads: routed experts that were not resident (misses)
+    wasted_prefetches: int = 0      # prefetched experts evicted before any use
+    transfer_wait_seconds: float = 0.0  # time layers spent waiting for background transfers
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,6 +49,9 @@ class RunStats:
             evictions=delta.evictions, bytes_moved=delta.loads * after.expert_bytes,
             cache_experts=after.capacity_experts, expert_bytes=after.expert_bytes,
             peak_expert_bytes=after.peak_expert_bytes, all_expert_bytes=after.all_expert_bytes,
+            prefetch_hits=delta.prefetch_hits, correction_loads=delta.demand_loads,
+            wasted_prefetches=delta.wasted_prefetches,
+            transfer_wait_seconds=after.wait_seconds - before.wait_seconds,
         )
 
     def as_dict(self) -> dict:

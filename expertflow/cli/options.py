@@ -21,6 +21,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", choices=("host", "disk"), default="host", help="slow tier for experts")
     parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--predictor", type=Path, default=None, metavar="DIR",
+                        help="trained routing predictor (RPP) the expertflow policy plans from")
+    parser.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
+                        help="prefetches issued per layer window (default: no limit)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -30,4 +34,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_experts=args.cache_experts,
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
+        predictor=args.predictor, transfer_ratio=args.transfer_ratio,
     )

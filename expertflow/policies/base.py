@@ -1,30 +1,41 @@
 """The cache-policy interface: decisions over `(layer, expert)` keys, never tensors.
 
-A policy is told about hits, loads and evictions, and chooses what to evict. It is pure Python so the
-live engine and the trace simulator drive the very same objects and count the same loads.
+A policy is told about hits, loads and evictions, and chooses what to evict. Predictive policies also
+plan: at the start of a forward they get a forecast (the probability that each key is used by the
+coming forward) and return the keys to prefetch, most urgent first; when a layer's real routing becomes
+known they hear of it (`on_layer`) and may queue more prefetches (run-time correction, ring and
+pre-gated lookahead). A prefetch may be declined (`admit`) when nothing resident is worth less.
+
+Policies are pure Python, so the live engine and the trace simulator drive the very same objects, through
+the same `CachePlanner`, and count the same loads.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import ClassVar
 
 from expertflow.errors import ExpertflowError
 
 Key = tuple[int, int]  # (layer, expert)
+Forecast = Mapping[Key, float]  # probability that the coming forward uses each key; absent keys ~ 0
 
 
 class CachePolicy(ABC):
     """Eviction (and, for predictive policies, planning) over a fixed number of expert slots."""
 
     name: ClassVar[str]
+    prefetches: ClassVar[bool] = False      # issues prefetches, so the live cache needs a transfer worker
+    uses_forecast: ClassVar[bool] = False   # plans from a routing forecast (an RPP)
+    needs_future: ClassVar[bool] = False    # offline: needs the whole access sequence (simulator only)
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
         self.capacity = capacity
         self.layers = list(layers)
         self.num_experts = num_experts
         self.top_k = top_k
+        self._position = {layer: i for i, layer in enumerate(self.layers)}
         minimum = self.min_capacity(self.layers, num_experts, top_k)
         if capacity < minimum:
             raise ExpertflowError(
@@ -48,6 +59,18 @@ class CachePolicy(ABC):
         """Experts to load before the first forward (empty for demand-paged policies)."""
         return []
 
+    def plan(self, forecast: Forecast | None) -> list[Key]:
+        """A forward is about to start: the keys to prefetch for it, most urgent first."""
+        return []
+
+    def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
+        """`layer`'s real routing is known (before its experts run): keys to prefetch now, most urgent first."""
+        return []
+
+    def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        """Whether a prefetch of `key` is worth a slot now; a declined prefetch costs nothing."""
+        return True
+
     @abstractmethod
     def on_hit(self, key: Key) -> None:
         """A resident expert was used."""
@@ -65,3 +88,7 @@ class CachePolicy(ABC):
         """The resident to evict so that `key` can be loaded, or None to take a free slot.
 
         `full` says whether the pool has no free slot; `pinned` residents are in use and must stay."""
+
+    def position(self, layer: int) -> int:
+        """The layer's place in a forward (0 = first MoE layer)."""
+        return self._position[layer]

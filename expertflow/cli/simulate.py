@@ -1,0 +1,143 @@
+"""`expertflow simulate`: replay routing traces through every cache policy; table, JSON line, plot."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.errors import ExpertflowError
+from expertflow.policies import POLICIES
+from expertflow.simulator import SimResult, sweep
+from expertflow.traces import TraceSet, read_traces
+
+DEFAULT_POLICIES = "lru,lfu,ring,pregated,expertflow,belady"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("simulate", help="replay routing traces through cache policies")
+    p.add_argument("--traces", required=True, type=Path, help="trace file from expertflow trace")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
+    p.add_argument("--cache-experts", default="10%,25%,50%", help="slots, or %% of all experts: 26,25%%,...")
+    p.add_argument("--batch-size", default="1", help="sequences decoded together: 1,4,8,16")
+    p.add_argument("--predictor", default=None,
+                   help="RPP directory for the expertflow policy; or 'oracle' (the true routing: an upper "
+                   "bound) or 'tlp' (the previous token's routing)")
+    p.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
+                   help="expert loads that fit in one layer's compute (default: measured on this machine)")
+    p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
+                   "default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor and measuring")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="hit ratio vs cache size")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    policies = _policies(args.policies)
+    traces = read_traces(args.traces)
+    _traces_ok(traces)
+    h = traces.header
+    caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
+    batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
+    if "expertflow" in policies and args.predictor is None:
+        raise ExpertflowError("policy expertflow plans from a routing predictor; pass --predictor DIR "
+                              "(or --predictor oracle for the upper bound)")
+    import torch  # the simulator is pure Python; only the predictor and the measurement need torch
+
+    torch.set_num_threads(args.threads)
+    from expertflow.cli.calibrate import expert_bytes, measure_transfer_ratio, predictions_for
+
+    predictions = predictions_for(traces, args.predictor) if args.predictor else None
+    ratio = args.transfer_ratio if args.transfer_ratio is not None else measure_transfer_ratio(args.model)
+    start = time.perf_counter()
+    results = sweep(traces, policies, caches, batches, ratio, predictions, args.include_prefill)
+    size = expert_bytes(args.model)
+    title = (f"{args.traces.name}: {len(traces.sequences)} sequences, transfer ratio {ratio:.2f} loads/layer, "
+             f"predictor {args.predictor or '-'}, {time.perf_counter() - start:.1f} s")
+    print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "prefetch", "wasted", "bytes moved",
+                        "loads/belady"), [_row(r, size) for r in results])
+    if args.plot is not None:
+        _plot(results, args.plot, title)
+    if args.json:
+        print_json_line({"results": [_json(r, size) for r in results]})
+    return 0
+
+
+def _items(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ExpertflowError(f"empty list {text!r}; give comma-separated values like 1,4,8")
+    return items
+
+
+def _policies(text: str) -> list[str]:
+    names = _items(text)
+    unknown = [n for n in names if n not in POLICIES or n == "none"]
+    if unknown:
+        choices = ", ".join(n for n in POLICIES if n != "none")
+        raise ExpertflowError(f"unknown policy {unknown[0]!r} for simulate; choose from {choices}")
+    return names
+
+
+def _positive_int(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ExpertflowError(f"{flag} takes positive integers, got {text!r}")
+    return int(text)
+
+
+def _cache_size(text: str, total: int) -> int:
+    """'26' slots, or '10%' of all experts (rounded)."""
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 100:
+            raise ExpertflowError(f"--cache-experts {text!r}: a percentage must be in (0, 100]")
+        return max(1, round(share / 100 * total))
+    return _positive_int(text, "--cache-experts")
+
+
+def _row(r: SimResult, expert_bytes: int) -> list[str]:
+    c = r.counters
+    return [r.config.policy, str(r.config.cache_experts), str(r.config.batch_size), f"{c.hit_ratio:.3f}",
+            str(c.loads), str(c.prefetch_loads), str(c.wasted_prefetches), human_bytes(c.loads * expert_bytes),
+            f"{r.loads_vs_belady:.2f}"]
+
+
+def _json(r: SimResult, expert_bytes: int) -> dict:
+    return {"policy": r.config.policy, "cache_experts": r.config.cache_experts, "batch_size": r.config.batch_size,
+            "hit_ratio": r.counters.hit_ratio, "loads": r.counters.loads,
+            "bytes_moved": r.counters.loads * expert_bytes, "loads_vs_belady": r.loads_vs_belady}
+
+
+def _plot(results: list[SimResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r.config.batch_size for r in results})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for policy in dict.fromkeys(r.config.policy for r in results):
+            points = sorted((r.config.cache_experts, r.counters.hit_ratio) for r in results
+                            if r.config.policy == policy and r.config.batch_size == batch)
+            ax.plot(*zip(*points), marker="o", label=policy)
+        ax.set(title=f"batch {batch}", xlabel="cache (experts)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("hit ratio")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _traces_ok(traces: TraceSet) -> None:
+    if not traces.sequences:
+        raise ExpertflowError("the trace file holds no sequences")

@@ -1,0 +1,30 @@
+"""From per-token routing probabilities (arrays) to a forecast over keys, the form policies read.
+
+Shape legend: N tokens of one forward (all sequences' new positions), L MoE layers, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from expertflow.policies.base import Key
+
+FLOOR = 0.01  # keys less likely than this are left out of a forecast (policies read absent as ~0)
+
+
+def batch_forecast(probs: np.ndarray, layers: Sequence[int]) -> dict[Key, float]:
+    """P(some token of the forward uses the key), from per-token probabilities (N, L, E), tokens
+    taken as independent."""
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0 - 1e-12)
+    used = -np.expm1(np.log1p(-probs).sum(axis=0))  # (L, E): 1 - prod(1 - p)
+    rows, cols = np.nonzero(used >= FLOOR)
+    return {(layers[i], int(e)): float(used[i, e]) for i, e in zip(rows.tolist(), cols.tolist())}
+
+
+def one_hot_routing(routing: np.ndarray, num_experts: int) -> np.ndarray:
+    """Routing (N, L, K) expert ids -> (N, L, E) 0/1 probabilities: the oracle forecast."""
+    out = np.zeros((*routing.shape[:2], num_experts), dtype=np.float32)
+    np.put_along_axis(out, routing.astype(np.int64), 1.0, axis=2)
+    return out

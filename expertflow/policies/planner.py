@@ -1,0 +1,78 @@
+"""One forward through the cache, in the order both the live engine and the simulator follow.
+
+    begin_step(forecast)        the policy plans; the first layer's transfer window opens
+    for each MoE layer:
+        route(layer, keys)      the real routing is known: the policy corrects / looks ahead
+        (demand uses of keys)   `Residency.use`: a miss is a demand load, ahead of any prefetch
+        finish_layer(layer)     the next layer's transfer window opens
+
+The transfer clock: a window is the compute between two layers' expert runs, and fits `transfer_ratio`
+expert loads (None = unlimited). Prefetches are issued from the queue while the window has room; a key
+whose layer has already run is dropped (too late); one the policy declines waits for a later window. A prefetch issued in the window before a layer counts
+as resident when that layer runs, so a policy cannot "hit" by prefetching everything at once. Demand
+loads stall the layer instead and do not use window room. The live engine issues the same prefetches
+at the same points to its transfer worker, so both count the same loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+from expertflow.policies.base import Forecast, Key
+from expertflow.residency import Placement, Residency
+
+Issued = tuple[Key, Placement]
+
+
+class CachePlanner:
+    def __init__(self, residency: Residency, transfer_ratio: float | None) -> None:
+        if transfer_ratio is not None and transfer_ratio < 0:
+            raise ValueError(f"transfer_ratio must be >= 0 (expert loads per layer compute), got {transfer_ratio}")
+        self.residency = residency
+        self.policy = residency.policy
+        self.transfer_ratio = transfer_ratio
+        self._queue: deque[Key] = deque()
+        self._room = 0.0
+        self._ran = -1  # position of the last layer routed in this forward
+
+    def begin_step(self, forecast: Forecast | None) -> list[Issued]:
+        """A forward starts: queue the policy's plan and open the first layer's window."""
+        self._ran = -1
+        self._queue = deque(self.policy.plan(forecast))
+        return self._window()
+
+    def route(self, layer: int, keys: Sequence[Key]) -> None:
+        position = self.policy.position(layer)
+        if position <= self._ran:  # a forward started without begin_step (e.g. a direct model call)
+            self.begin_step(None)
+        self._ran = position
+        lookahead = self.policy.on_layer(layer, keys)
+        later = [k for k in self._queue if self.policy.position(k[0]) > position]
+        self._queue = deque(dict.fromkeys([*lookahead, *later]))
+
+    def finish_layer(self, layer: int) -> list[Issued]:
+        """`layer`'s experts ran: open the window before the next layer (none after the last)."""
+        if self.policy.position(layer) == len(self.policy.layers) - 1:
+            return []
+        return self._window()
+
+    def _window(self) -> list[Issued]:
+        self._room = math.inf if self.transfer_ratio is None else self._room + self.transfer_ratio
+        issued: list[Issued] = []
+        kept: deque[Key] = deque()  # declined or out of room: retried in later windows, until too late
+        while self._queue:
+            key = self._queue.popleft()
+            if self.policy.position(key[0]) <= self._ran or key in self.residency:
+                continue
+            placement = self.residency.prefetch(key) if self._room >= 1 else None
+            if placement is None:
+                kept.append(key)
+                continue
+            issued.append((key, placement))
+            self._room -= 1
+        self._queue = kept
+        if self._room >= 1 and self._room != math.inf:
+            self._room -= math.floor(self._room)  # an idle channel does not bank time
+        return issued

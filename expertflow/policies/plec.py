@@ -1,0 +1,118 @@
+"""`expertflow`: Predictive Locality-aware Expert Caching (PLEC) with run-time correction (paper 3.4).
+
+Every resident holds its slot by a keep value, the chance it is used soon, discounted per layer until use:
+    value = p * BETA**d + (1 - p) * u * BETA**(d + L)     for a key whose layer runs d layers from now
+    value = u * BETA**(d + L)                               for a key whose layer already ran this forward
+p is the forecast (the RPP's batch-level probability for the coming forward), u a running estimate of
+per-forward use (exponential moving average). The paper's parts, in these terms:
+- slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
+  its keys out-value others', so layers with more likely experts get more slots, no fixed quota;
+- the most probable experts prefetched before execution: the plan lists keys with p >= THRESHOLD, by
+  layer (deadline) then probability, and a prefetch is admitted only when it out-values the cheapest
+  resident;
+- finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
+  next-forward use, so the following windows hand their slots to later layers' predicted experts;
+- run-time correction: a routed expert that is not resident is a demand load, ahead of every prefetch
+  (the planner and the transfer worker see to that), and residents the forecast wanted but the router
+  did not pick (mispredicted) are the first to go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from expertflow.policies.base import CachePolicy, Forecast, Key
+
+THRESHOLD = 0.5   # forecast probability worth a prefetch
+BETA = 0.9        # value discount per layer of distance to the use
+DECAY = 0.9       # per-forward decay of the usage average u
+
+
+class PLECPolicy(CachePolicy):
+    name = "expertflow"
+    prefetches = True
+    uses_forecast = True
+
+    def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
+        super().__init__(capacity, layers, num_experts, top_k)
+        self._forecast: dict[Key, float] = {}
+        self._running = -1                         # position of the layer whose routing is known
+        self._forward = 0
+        self._usage: dict[Key, tuple[float, int]] = {}  # key -> (u, forward it was last updated)
+        self._pending: set[Key] = set()            # routed to the running layer, not yet used
+        self._mispredicted: set[Key] = set()
+        self._resident: set[Key] = set()
+        self._cheapest: tuple[float, Key] | None = None  # cached min over unpinned residents
+
+    def plan(self, forecast: Forecast | None) -> list[Key]:
+        self._forward += 1
+        self._running = -1
+        self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0}
+        self._mispredicted -= {k for k, p in self._forecast.items() if p >= THRESHOLD}
+        self._cheapest = None
+        wanted = [k for k, p in self._forecast.items() if p >= THRESHOLD]
+        return sorted(wanted, key=lambda k: (self.position(k[0]), -self._forecast[k], k[1]))
+
+    def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
+        self._running = self.position(layer)
+        self._pending = set(used)
+        for key in used:
+            self._use(key)
+        self._mispredicted |= {k for k in self._resident
+                               if k[0] == layer and k not in self._pending
+                               and self._forecast.get(k, 0.0) >= THRESHOLD}
+        self._mispredicted -= self._pending
+        self._cheapest = None
+        return []
+
+    def _use(self, key: Key) -> None:
+        self._usage[key] = (self._u(key) + (1.0 - DECAY), self._forward)
+
+    def _u(self, key: Key) -> float:
+        u, when = self._usage.get(key, (0.0, self._forward))
+        return u * DECAY ** (self._forward - when)
+
+    def value(self, key: Key) -> float:
+        if key in self._pending:
+            return 2.0
+        if key in self._mispredicted:
+            return 0.0
+        distance = self.position(key[0]) - self._running
+        later = self._u(key) * BETA ** (distance + len(self.layers))
+        if distance <= 0:
+            return later
+        p = self._forecast.get(key, 0.0)
+        return p * BETA**distance + (1.0 - p) * later
+
+    def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        if not full:
+            return True
+        cheapest = self._cheapest_resident(pinned)
+        return cheapest is not None and cheapest[0] < self.value(key)
+
+    def _cheapest_resident(self, pinned: Collection[Key]) -> tuple[float, Key] | None:
+        if self._cheapest is None:
+            candidates = [(self.value(k), k) for k in self._resident if k not in pinned]
+            self._cheapest = min(candidates) if candidates else None
+        return self._cheapest
+
+    def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
+        if not full:
+            return None
+        self._cheapest = None  # pins change between demand uses
+        cheapest = self._cheapest_resident(pinned)
+        return None if cheapest is None else cheapest[1]
+
+    def on_hit(self, key: Key) -> None:
+        self._pending.discard(key)
+        self._cheapest = None
+
+    def on_load(self, key: Key) -> None:
+        self._resident.add(key)
+        self._pending.discard(key)
+        self._cheapest = None
+
+    def on_evict(self, key: Key) -> None:
+        self._resident.discard(key)
+        self._mispredicted.discard(key)
+        self._cheapest = None

@@ -1,0 +1,73 @@
+"""SE-MoE's ring: while layer l runs, layer l+1's experts are loaded into the other half of a two-layer ring.
+
+No predictor: each layer's half holds min(E, capacity // 2) experts, so with room for a whole layer every
+expert of the next layer is loaded; with less, the next layer's most used experts so far. Slots beyond
+the two-layer ring keep older layers' experts. Eviction follows the ring: the layer that will run last
+(the one that just finished) goes first, its least used expert first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+
+from expertflow.policies.base import CachePolicy, Forecast, Key
+
+
+class RingPolicy(CachePolicy):
+    name = "ring"
+    prefetches = True
+
+    def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
+        super().__init__(capacity, layers, num_experts, top_k)
+        self.half = min(num_experts, capacity // 2)
+        self.uses: Counter[Key] = Counter()
+        self._running = len(self.layers) - 1  # position of the layer now running; plan() precedes the first
+
+    @classmethod
+    def min_capacity(cls, layers: Sequence[int], num_experts: int, top_k: int) -> int:
+        return 2 * top_k
+
+    @classmethod
+    def minimum_reason(cls, layers: Sequence[int], top_k: int) -> str:
+        return f"its ring holds two layers of at least top_k={top_k} experts"
+
+    def plan(self, forecast: Forecast | None) -> list[Key]:
+        self._running = len(self.layers) - 1
+        return self._fill(self.layers[0])
+
+    def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
+        self._running = self.position(layer)
+        self.uses.update(used)
+        if self._running + 1 == len(self.layers):
+            return []
+        return self._fill(self.layers[self._running + 1])
+
+    def _fill(self, layer: int) -> list[Key]:
+        """The layer's `half` most used experts so far (ties: lower id), most used first."""
+        ranked = sorted(range(self.num_experts), key=lambda e: (-self.uses[(layer, e)], e))
+        return [(layer, e) for e in ranked[: self.half]]
+
+    def _distance(self, key: Key) -> int:
+        """Layers until `key`'s layer runs again, counting from the running one (0)."""
+        return (self.position(key[0]) - self._running) % len(self.layers)
+
+    def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        if not full:
+            return True
+        # The ring never pushes out the running layer or the next one to make room.
+        return any(self._distance(k) > 1 for k in resident if k not in pinned)
+
+    def on_hit(self, key: Key) -> None:
+        return None
+
+    def on_load(self, key: Key) -> None:
+        return None
+
+    def on_evict(self, key: Key) -> None:
+        return None
+
+    def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
+        if not full:
+            return None
+        return max((k for k in resident if k not in pinned), key=lambda k: (self._distance(k), -self.uses[k]))

@@ -1,0 +1,140 @@
+"""Trace replay: recorded routing through the same policies, `Residency` and `CachePlanner` as the engine.
+
+Sequences are grouped into decode batches as the engine runs them (consecutive groups of B, one prefill
+forward, then one forward per generated token over the sequences still running). Each forward walks
+the MoE layers in order: route, demand uses of the layer's unique experts (ascending id, as the engine
+acquires them), next layer's transfer window. Time is virtual: `transfer_ratio` expert loads fit in one
+layer's compute. No torch here.
+
+Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from expertflow.policies import Forecast, Key, policy_class
+from expertflow.policies.forecast import batch_forecast
+from expertflow.policies.planner import CachePlanner
+from expertflow.residency import CacheCounters, Residency
+from expertflow.traces import TraceSet
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One model forward: per MoE layer (in order) the sorted unique experts it uses, and its forecast."""
+
+    experts: tuple[tuple[int, ...], ...]
+    forecast: Forecast | None
+    prefill: bool
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    policy: str
+    cache_experts: int
+    batch_size: int
+    transfer_ratio: float | None = None   # expert loads per layer compute; None = unlimited
+    count_prefill: bool = False           # figures over prefill forwards too (they are replayed anyway)
+
+    def __post_init__(self) -> None:
+        if self.cache_experts < 1 or self.batch_size < 1:
+            raise ValueError(f"cache_experts and batch_size must be >= 1, got {self.cache_experts}, {self.batch_size}")
+        if self.transfer_ratio is not None and self.transfer_ratio < 0:
+            raise ValueError(f"transfer_ratio must be >= 0, got {self.transfer_ratio}")
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    counters: CacheCounters                 # over the counted forwards (decode, or all)
+    all_counters: CacheCounters = field(default_factory=CacheCounters)
+    loads_vs_belady: float | None = None
+
+
+def batch_forwards(traces: TraceSet, batch_size: int,
+                   predictions: Sequence[np.ndarray] | None = None) -> list[Forward]:
+    """The forwards the engine would run; `predictions` (per sequence (T, L, E)) give each its forecast."""
+    layers = list(range(traces.header.num_layers))
+    forwards: list[Forward] = []
+    seqs = traces.sequences
+    for start in range(0, len(seqs), batch_size):
+        group = list(range(start, min(start + batch_size, len(seqs))))
+        prompt = [(i, np.arange(len(seqs[i].prompt_ids))) for i in group]
+        forwards.append(_forward(traces, prompt, predictions, layers, prefill=True))
+        for j in range(max(len(seqs[i].generated_ids) for i in group)):
+            active = [(i, np.array([len(seqs[i].prompt_ids) + j])) for i in group if j < len(seqs[i].generated_ids)]
+            forwards.append(_forward(traces, active, predictions, layers, prefill=False))
+    return forwards
+
+
+def _forward(traces: TraceSet, rows: list[tuple[int, np.ndarray]], predictions: Sequence[np.ndarray] | None,
+             layers: list[int], prefill: bool) -> Forward:
+    routing = np.concatenate([traces.sequences[i].routing[pos] for i, pos in rows])        # (N, L, K)
+    experts = tuple(tuple(np.unique(routing[:, li]).tolist()) for li in range(len(layers)))
+    forecast = None
+    if predictions is not None:
+        forecast = batch_forecast(np.concatenate([predictions[i][pos] for i, pos in rows]), layers)
+    return Forward(experts, forecast, prefill)
+
+
+def accesses(forwards: Sequence[Forward], layers: Sequence[int]) -> list[Key]:
+    """Every demand use, in replay order: what Belady's MIN needs to see ahead."""
+    return [(layers[li], e) for fw in forwards for li, experts in enumerate(fw.experts) for e in experts]
+
+
+def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: int, top_k: int,
+             config: SimConfig) -> SimResult:
+    policy = policy_class(config.policy)(config.cache_experts, layers, num_experts, top_k)
+    if policy.needs_future:
+        policy.set_future(accesses(forwards, layers))
+    residency = Residency(config.cache_experts, policy)
+    for key in policy.initial_residents():
+        residency.preload(key)
+    planner = CachePlanner(residency, config.transfer_ratio)
+    start = residency.counters.copy()
+    counted = CacheCounters()
+    for fw in forwards:
+        before = residency.counters.copy()
+        replay_forward(planner, fw, layers)
+        if config.count_prefill or not fw.prefill:
+            counted = _plus(counted, residency.counters.minus(before))
+    return SimResult(config, counted, residency.counters.minus(start))
+
+
+def replay_forward(planner: CachePlanner, fw: Forward, layers: Sequence[int]) -> None:
+    """One forward, in the order OffloadedExperts drives the live cache."""
+    planner.begin_step(fw.forecast)
+    for layer, experts in zip(layers, fw.experts):
+        keys = [(layer, e) for e in experts]
+        planner.route(layer, keys)
+        for key in keys:
+            planner.residency.use(key)
+        planner.finish_layer(layer)
+
+
+def _plus(a: CacheCounters, b: CacheCounters) -> CacheCounters:
+    return CacheCounters(**{f: getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__})
+
+
+def sweep(traces: TraceSet, policies: Sequence[str], cache_sizes: Sequence[int], batch_sizes: Sequence[int],
+          transfer_ratio: float | None, predictions: Sequence[np.ndarray] | None = None,
+          count_prefill: bool = False) -> list[SimResult]:
+    """Every policy at every (cache size, batch size), each with its loads relative to Belady's MIN."""
+    h = traces.header
+    layers = list(range(h.num_layers))
+    results: list[SimResult] = []
+    for batch_size in batch_sizes:
+        forwards = batch_forwards(traces, batch_size, predictions)
+        for cache in cache_sizes:
+            run = {name: simulate(forwards, layers, h.num_experts, h.top_k,
+                                  SimConfig(name, cache, batch_size, transfer_ratio, count_prefill))
+                   for name in dict.fromkeys(["belady", *policies])}
+            floor = run["belady"].counters.loads
+            for name in policies:
+                run[name].loads_vs_belady = run[name].counters.loads / floor if floor else 1.0
+                results.append(run[name])
+    return results

@@ -1,0 +1,115 @@
+"""Policies on hand-made and random accesses: LFU and Belady counts, the planner's transfer window, PLEC's
+correction, and Belady's MIN never loading more than any other policy (property test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertflow.policies.belady import BeladyPolicy
+from expertflow.policies.lfu import LFUPolicy
+from expertflow.policies.planner import CachePlanner
+from expertflow.policies.plec import PLECPolicy
+from expertflow.policies.ring import RingPolicy
+from expertflow.residency import Residency
+from expertflow.simulator import Forward, SimConfig, simulate
+from expertflow.traces import TraceHeader, TraceSequence, TraceSet
+
+ONLINE = ["lru", "lfu", "ring", "pregated", "expertflow"]
+
+
+def test_belady_on_the_textbook_sequence():
+    pages = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+    policy = BeladyPolicy(3, [0], 8, 1)
+    policy.set_future([(0, p) for p in pages])
+    cache = Residency(3, policy)
+    for p in pages:
+        cache.use((0, p))
+    assert cache.counters.misses == 9  # the classic OPT answer for 3 frames
+
+
+def test_lfu_evicts_the_least_used_of_the_layer():
+    cache = Residency(2, LFUPolicy(2, [0], 8, 1))
+    for e in (1, 1, 1, 2, 3, 2, 4):
+        cache.use((0, e))
+    # 1 (3 uses) stays; 2 then 3 then 2 again: 3 evicts 2 (1 use, older), 2 evicts 3, 4 evicts 2 (tie: older)
+    assert set(cache.slot_of) == {(0, 1), (0, 4)}
+    assert (cache.counters.misses, cache.counters.evictions) == (5, 3)
+
+
+def test_the_window_limits_prefetches_per_layer():
+    policy = RingPolicy(16, [0, 1, 2], 8, 2)  # half = 8: each next layer wants all 8 experts
+    planner = CachePlanner(Residency(16, policy), transfer_ratio=2.5)
+    assert len(planner.begin_step(None)) == 2            # 2.5 loads of room: 2 issued, 0.5 carried
+    planner.route(0, [(0, 0)])
+    planner.residency.use((0, 0))
+    issued = planner.finish_layer(0)
+    assert len(issued) == 3 and all(key[0] == 1 for key, _ in issued)  # 0.5 + 2.5: three of layer 1's
+
+
+def test_plec_prefetches_by_layer_then_probability_and_evicts_mispredictions_first():
+    policy = PLECPolicy(3, [0, 1], 4, 1)
+    cache = Residency(3, policy)
+    planner = CachePlanner(cache, transfer_ratio=None)
+    issued = planner.begin_step({(1, 3): 0.95, (0, 1): 0.6, (0, 2): 0.9, (1, 0): 0.1})
+    assert [key for key, _ in issued] == [(0, 2), (0, 1), (1, 3)]  # (1, 0) is below the threshold
+    planner.route(0, [(0, 1), (0, 0)])                              # (0, 2) was mispredicted
+    cache.use((0, 0))                                               # correction: a demand load
+    assert (0, 2) not in cache and cache.counters.wasted_prefetches == 1
+    cache.use((0, 1))
+    assert cache.counters.prefetch_hits == 1 and cache.counters.misses == 1
+
+
+def _random_forwards(rng: np.random.Generator, layers: int, experts: int, steps: int, width: int) -> list[Forward]:
+    skew = rng.dirichlet(np.full(experts, 0.3), size=layers)  # skewed popularity, as real routing is
+    forwards = []
+    for _ in range(steps):
+        used = tuple(tuple(sorted(set(rng.choice(experts, width, p=skew[l]).tolist()))) for l in range(layers))
+        noisy = {(l, e): float(rng.uniform(0.3, 1.0)) for l in range(layers) for e in used[l]}
+        noisy.update({(l, int(rng.integers(experts))): float(rng.uniform(0, 1)) for l in range(layers)})
+        forwards.append(Forward(used, noisy, prefill=False))
+    return forwards
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), capacity=st.integers(8, 24), width=st.integers(1, 5),
+       ratio=st.sampled_from([None, 0.5, 2.0]))
+def test_belady_loads_least_on_random_traces(seed, capacity, width, ratio):
+    layers, experts = 4, 8
+    forwards = _random_forwards(np.random.default_rng(seed), layers, experts, steps=30, width=width)
+    loads = {name: simulate(forwards, range(layers), experts, 2, SimConfig(name, capacity, 1, ratio,
+                                                                           count_prefill=True)).counters.loads
+             for name in [*ONLINE, "belady"]}
+    assert all(loads["belady"] <= loads[name] for name in ONLINE), loads
+
+
+@pytest.fixture(scope="module")
+def recorded_traces() -> TraceSet:
+    """Greedy routing of the embedded model on real instructions, recorded by the engine."""
+    import expertflow
+
+    m = expertflow.from_pretrained()
+    prompts = ["Give three tips for staying healthy.", "Describe the water cycle.",
+               "Write a short poem about the sea.", "Explain why the sky is blue.", "List four primary colors.",
+               "How do vaccines work?", "Summarize the plot of a fairy tale.", "What is machine learning?"]
+    ids = [m.encode(p) for p in prompts]
+    out = m.generate(input_ids=ids, max_new_tokens=24, record_routing=True)
+    header = TraceHeader(model=m.name, num_layers=m.num_moe_layers, num_experts=m.num_experts, top_k=m.top_k)
+    return TraceSet(header, [TraceSequence(p, g, r) for p, g, r in zip(ids, out.sequences, out.routing)])
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("cache", [26, 64])
+def test_belady_loads_least_on_recorded_traces(recorded_traces, batch, cache):
+    from expertflow.policies.forecast import one_hot_routing
+    from expertflow.simulator import batch_forwards
+
+    h = recorded_traces.header
+    predictions = [one_hot_routing(s.routing, h.num_experts) for s in recorded_traces.sequences]
+    forwards = batch_forwards(recorded_traces, batch, predictions)
+    loads = {name: simulate(forwards, range(h.num_layers), h.num_experts, h.top_k,
+                            SimConfig(name, cache, batch, 4.0, count_prefill=True)).counters.loads
+             for name in [*ONLINE, "belady"]}
+    assert all(loads["belady"] <= loads[name] for name in ONLINE), loads

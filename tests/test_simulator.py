@@ -1,0 +1,91 @@
+"""The trace simulator: batching as the engine runs, counts equal to the live engine's, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import expertflow
+from expertflow.cli import main
+from expertflow.simulator import SimConfig, batch_forwards, simulate
+from expertflow.traces import TraceHeader, TraceSequence, TraceSet
+from tests.test_policy_exactness import HashPredictor
+
+PROMPTS = [[70, 3, 9, 44, 2, 19, 7], [21, 22, 23, 24, 25, 26, 27]]  # equal lengths, no eos within 8 tokens
+
+
+def _traces(prompts, out) -> TraceSet:
+    header = TraceHeader(model="tiny", num_layers=3, num_experts=8, top_k=2)
+    return TraceSet(header, [TraceSequence(p, g, r) for p, g, r in zip(prompts, out.sequences, out.routing)])
+
+
+def test_forwards_group_sequences_as_the_engine_does():
+    header = TraceHeader(model="t", num_layers=1, num_experts=4, top_k=1)
+    seqs = [TraceSequence([1, 2], [3], np.array([[[0]], [[1]], [[2]]])),
+            TraceSequence([4], [5, 6], np.array([[[3]], [[3]], [[1]]]))]
+    forwards = batch_forwards(TraceSet(header, seqs), batch_size=2)
+    assert [(f.prefill, f.experts) for f in forwards] == [(True, ((0, 1, 3),)), (False, ((2, 3),)), (False, ((1,),))]
+    assert len(batch_forwards(TraceSet(header, seqs), batch_size=1)) == 2 + 3
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "ring", "pregated", "expertflow"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_simulator_counts_what_the_live_engine_counts(tiny_mixtral_dir, policy, batch):
+    prompts = PROMPTS[:batch]
+    predictor = HashPredictor(3, 8)
+    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=7, policy=policy, transfer_ratio=1.5,
+                                   predictor=predictor if policy == "expertflow" else None)
+    out = m.generate(input_ids=prompts, max_new_tokens=8, record_routing=True)
+    m.close()
+    live = m.stats
+    traces = _traces(prompts, out)
+    assert all(len(s.generated_ids) == 8 for s in traces.sequences)  # no early eos: every forward is traced
+    predictions = [predictor.per_token(list(s.token_ids)) for s in traces.sequences]
+    sim = simulate(batch_forwards(traces, batch, predictions), [0, 1, 2], 8, 2,
+                   SimConfig(policy, 7, batch, transfer_ratio=1.5, count_prefill=True)).counters
+    assert (sim.hits, sim.misses, sim.loads, sim.prefetch_loads, sim.evictions, sim.wasted_prefetches) == (
+        live.hits, live.misses, live.expert_loads, live.prefetch_loads, live.evictions, live.wasted_prefetches)
+
+
+def _synthetic_traces(path, seed=0):
+    rng = np.random.default_rng(seed)
+    header = TraceHeader(model="synthetic", num_layers=8, num_experts=32, top_k=2, dataset="synthetic")
+    seqs = []
+    for _ in range(6):
+        tokens = 12
+        routing = np.stack([np.stack([rng.choice(32, 2, replace=False) for _ in range(8)]) for _ in range(tokens)])
+        seqs.append(TraceSequence(rng.integers(0, 100, 6), rng.integers(0, 100, 6), routing))
+    TraceSet(header, seqs).write(path)
+    return path
+
+
+def test_simulate_cli_prints_table_json_and_plot(tmp_path, capsys):
+    traces = _synthetic_traces(tmp_path / "t.safetensors")
+    plot = tmp_path / "hit.png"
+    code = main(["simulate", "--traces", str(traces), "--policies", "lru,expertflow,belady",
+                 "--cache-experts", "10%,64", "--batch-size", "1,4", "--predictor", "oracle",
+                 "--transfer-ratio", "4", "--json", "--plot", str(plot)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(lines[-1])["results"]
+    assert len(results) == 3 * 2 * 2
+    assert all(set(r) == {"policy", "cache_experts", "batch_size", "hit_ratio", "loads", "bytes_moved",
+                          "loads_vs_belady"} for r in results)
+    assert {r["cache_experts"] for r in results} == {26, 64}
+    assert all(r["loads_vs_belady"] >= 1.0 for r in results)
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "lru,nope"], "unknown policy"),
+    (["--policies", "expertflow"], "--predictor"),
+    (["--cache-experts", "150%"], "percentage"),
+    (["--batch-size", "0"], "positive"),
+])
+def test_simulate_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+    traces = _synthetic_traces(tmp_path / "t.safetensors")
+    assert main(["simulate", "--traces", str(traces), "--transfer-ratio", "2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
