@@ -1,10 +1,12 @@
 """Micro-benchmark: wall time of one scheduling decision (2 x 32 tokens, L=8, E=32, K=2 by default).
 
 The paper budgets < 10 ms of CPU per decision (section 3.3.2). Routing paths are drawn with a skewed
-per-layer expert popularity, like real routers, from a fixed seed. Warm-up, then the median of `--repeats`
-timed calls per scheduler; prints a table and a final JSON line.
+per-layer expert popularity, like real routers, from a fixed seed, or with `--traces FILE` taken from
+recorded decode steps (units of consecutive sequences, as schedule-eval cuts them). Warm-up, then the
+median of `--repeats` timed calls per scheduler; prints a table and a final JSON line.
 
     python bench/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
+                                    [--traces results/traces/xsum_eval.safetensors]
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def skewed_routing(rng: np.random.Generator, n: int, layers: int, experts: int, 
     return routing_paths(ids, experts)
 
 
+def trace_instances(path: str, batch_size: int, unit: int, count: int) -> list[np.ndarray]:
+    from expertflow.scheduler.evaluate import generated_paths, instances
+    from expertflow.traces import read_traces
+
+    true = generated_paths(read_traces(path))
+    cases = [t for t, _ in instances(true, true, batch_size, unit)]
+    if not cases:
+        raise SystemExit(f"{path}: fewer than {batch_size * unit} sequences")
+    return [cases[int(i)] for i in np.linspace(0, len(cases) - 1, min(count, len(cases)))]
+
+
 def time_scheduler(name: str, instances: list[np.ndarray], batch_size: int, unit: int,
                    repeats: int) -> dict:
     scheduler = SCHEDULERS[name]()
@@ -60,20 +73,26 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--schedulers", default="fifo,similarity,swap")
+    p.add_argument("--traces", default=None, help="take routing from this trace file instead of drawing it")
     args = p.parse_args()
-    rng = np.random.default_rng(0)
-    n = args.batch_size * args.unit
-    instances = [skewed_routing(rng, n, args.layers, args.experts, args.top_k) for _ in range(10)]
+    if args.traces:
+        instances = trace_instances(args.traces, args.batch_size, args.unit, 20)
+        args.layers, args.experts = instances[0].shape[1:]
+        args.top_k = int(instances[0][0, 0].sum())
+    else:
+        rng = np.random.default_rng(0)
+        n = args.batch_size * args.unit
+        instances = [skewed_routing(rng, n, args.layers, args.experts, args.top_k) for _ in range(10)]
     rows = [time_scheduler(name, instances, args.batch_size, args.unit, args.repeats)
             for name in args.schedulers.split(",")]
     table = Table("scheduler", "median ms", "p90 ms", "distinct / batch", f"< {GOAL_MS:g} ms",
                   title=f"one decision: {args.unit} x {args.batch_size} tokens, L={args.layers} E={args.experts} "
-                        f"K={args.top_k}")
+                        f"K={args.top_k}, routing: {args.traces or 'synthetic'}")
     for r in rows:
         table.add_row(r["scheduler"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['distinct_per_batch']:.1f}",
                       "yes" if r["median_ms"] < GOAL_MS else "NO")
     Console().print(table)
-    print(json.dumps({"batch_size": args.batch_size, "unit": args.unit, "layers": args.layers,
+    print(json.dumps({"routing": args.traces or "synthetic", "batch_size": args.batch_size, "unit": args.unit, "layers": args.layers,
                       "experts": args.experts, "top_k": args.top_k, "goal_ms": GOAL_MS, "results": rows}))
 
 

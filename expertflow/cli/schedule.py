@@ -111,7 +111,9 @@ def _print_table(rows: list[Row], path: Path) -> None:
         table.add_row(f"{r.unit} x {r.batch_size}", r.routing, r.scheduler, str(r.instances),
                       f"{r.distinct_per_batch:.1f}", f"{-100 * r.reduction_vs_fifo:+.1f}%", gap,
                       f"{r.exact_solved}/{r.exact_tried}", f"{r.schedule_ms:.2f}")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 110)   # a squeezed 9-column table is unreadable in a log file
+    console.print(table)
 
 
 def _plot(rows: list[Row], path: Path) -> None:
