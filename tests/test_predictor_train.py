@@ -68,6 +68,23 @@ def test_predict_next_on_the_tail_equals_the_full_forward() -> None:
     assert full[1, 3:].abs().sum() == 0                                  # padding positions are zeros
 
 
+def test_incremental_steps_equal_the_full_forward_for_ragged_batches() -> None:
+    predictor = RoutingPredictor(RoutingPathModel(config()))
+    rng = np.random.default_rng(2)
+    seqs = [list(rng.integers(0, V, n)) for n in (14, 8, 9)]
+    full = predictor.predict(seqs)                                        # (3, 14, L, E)
+    cut = [6, 2, 4]
+    state, probs = predictor.start([s[:c] for s, c in zip(seqs, cut)])
+    for j in range(3):                                                    # three decoding steps
+        expected = torch.stack([full[i, c + j - 1] for i, c in enumerate(cut)])
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+        state, probs = predictor.step(state, [s[c + j] for s, c in zip(seqs, cut)])
+    # Regrouping: the state of sequences 2 and 0, in that order, steps on unchanged.
+    state = state.select([2, 0])
+    state, probs = predictor.step(state, [seqs[2][cut[2] + 3], seqs[0][cut[0] + 3]])
+    torch.testing.assert_close(probs, torch.stack([full[2, cut[2] + 3], full[0, cut[0] + 3]]), atol=1e-5, rtol=1e-5)
+
+
 def test_config_validation_names_the_problem() -> None:
     with pytest.raises(ValueError, match="divisible"):
         config(d_model=30, num_heads=4)

@@ -23,7 +23,8 @@ from expertflow.traces import TraceSet, read_traces
 
 TRAINING_NAME = "training.json"
 _MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "dropout")
-_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length")
+_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length",
+                "freeze_embeddings")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, type=Path, help="predictor directory to write")
     t.add_argument("--init-embeddings", type=Path, default=None, metavar="MODEL_DIR",
                    help="start the predictor's token embeddings from this MoE checkpoint's")
+    t.add_argument("--freeze-embeddings", action="store_true", default=None,
+                   help="with --init-embeddings: keep them fixed (helps on tokens the traces never show)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for flag, kind in (("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
                        ("decoder-layers", int), ("window", int), ("dropout", float), ("epochs", int),
@@ -93,6 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
         train_config = TrainConfig(**_given(args, _TRAIN_FLAGS))
     except ValueError as exc:
         raise ExpertflowError(str(exc)) from None
+    if train_config.freeze_embeddings and embeddings is None:
+        raise ExpertflowError("--freeze-embeddings needs --init-embeddings MODEL_DIR")
     if embeddings is not None and embeddings.shape[0] != model_config.vocab_size:
         raise ExpertflowError(f"{args.init_embeddings} has {embeddings.shape[0]} embeddings but the traces use "
                               f"token ids up to {model_config.vocab_size - 1}: is it the traced model?")
@@ -146,24 +151,32 @@ def run_eval(args: argparse.Namespace) -> int:
         "lookup": LookupBaseline(tables).scores,
     }
     results = evaluate(traces, scorers, config)
-    results["rpp"]["step_ms"] = _step_ms(predictor, traces, config.batch_size)
+    results["rpp"].update(_step_ms(predictor, traces, config.batch_size))
     _print_tables(results, args, config.batch_size)
     if args.json:
         print(json.dumps(results))
     return 0
 
 
-def _step_ms(predictor: RoutingPredictor, traces: TraceSet, batch_size: int) -> float:
-    """Median wall time of one `predict_next` call for a batch at the sequences' last generated step."""
-    seqs = [s for s in traces.sequences if len(s.generated_ids)][:batch_size] or traces.sequences[:batch_size]
-    contexts = [s.token_ids.tolist() for s in seqs]
-    predictor.predict_next(contexts)  # warm-up
-    times = []
-    for _ in range(10):
+def _step_ms(predictor: RoutingPredictor, traces: TraceSet, batch_size: int) -> dict[str, float]:
+    """Median wall time of one decoding step for a batch of the traces' sequences: the incremental
+    `step` (after `start` on their prompts) and the stateless `predict_next` on full contexts."""
+    seqs = sorted(traces.sequences, key=lambda s: -len(s.generated_ids))[:batch_size]
+    prompts = [s.prompt_ids.tolist() for s in seqs]
+    steps = min(len(s.generated_ids) for s in seqs)
+    state, _ = predictor.start(prompts)
+    incremental = []
+    for j in range(steps):
         start = time.perf_counter()
-        predictor.predict_next(contexts)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+        state, _ = predictor.step(state, [int(s.generated_ids[j]) for s in seqs])
+        incremental.append((time.perf_counter() - start) * 1e3)
+    stateless = []
+    for _ in range(5):
+        start = time.perf_counter()
+        predictor.predict_next([s.token_ids.tolist() for s in seqs])
+        stateless.append((time.perf_counter() - start) * 1e3)
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    return {"step_ms": median(incremental), "predict_next_ms": median(stateless)}
 
 
 def _print_tables(results: dict, args: argparse.Namespace, batch_size: int) -> None:
@@ -181,4 +194,6 @@ def _print_tables(results: dict, args: argparse.Namespace, batch_size: int) -> N
     for layer in range(len(results["rpp"]["per_layer"])):
         layers.add_row(str(layer), *(f"{r['per_layer'][layer]:.3f}" for r in results.values()))
     console.print(layers)
-    console.print(f"RPP step (predict_next, batch {batch_size}): {results['rpp']['step_ms']:.1f} ms on CPU")
+    rpp = results["rpp"]
+    console.print(f"RPP cost per decoding step, batch {batch_size}, CPU: {rpp['step_ms']:.2f} ms incremental "
+                  f"(cached step), {rpp['predict_next_ms']:.1f} ms stateless (predict_next)")

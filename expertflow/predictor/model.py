@@ -96,14 +96,22 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # x (B, S, D) queries, memory (B, S, D) keys/values, bias (1 or B, H or 1, S, S) with -inf outside the window
-        B, S, D = x.shape
-        q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)              # (B, H, S, D/H)
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, D) -> keys, values (B, H, S, D/H)."""
+        B, S, _ = memory.shape
         k, v = self.kv(memory).view(B, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # x (B, Sq, D) queries; k, v (B, H, Sk, D/H); bias broadcastable to (B, H, Sq, Sk), -inf outside the window
+        B, Sq, D = x.shape
+        q = self.q(x).view(B, Sq, self.heads, -1).transpose(1, 2)             # (B, H, Sq, D/H)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=self.dropout if self.training else 0.0)
-        return self.o(out.transpose(1, 2).reshape(B, S, D))
+        return self.o(out.transpose(1, 2).reshape(B, Sq, D))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.project_kv(memory), bias)
 
 
 class GatedFeedForward(nn.Module):

@@ -2,10 +2,13 @@
 
 Shape legend: B sequences, S positions, L MoE layers, E experts.
 
-Cost per decoding step: `predict_next` runs the network on each sequence's last `receptive_field`
-tokens only ((encoder_layers + decoder_layers) * (window - 1) + 1; 253 for the default 2+2 layers,
-window 64), so a step costs the same at position 300 as at position 3000, and equals the full-sequence
-forward up to float rounding (see model.py on why).
+Two ways to use it during decoding, both equal to the full-sequence forward up to float rounding:
+* `start(prompts)` once, then `step(state, new_tokens)` per decoding step: one token through the network
+  with cached keys/values of the last window-1 positions (incremental.py). Constant cost per step, the
+  cheap path for the engine; `state.select(rows)` follows a regrouping of sequences.
+* `predict_next(token_ids)`: stateless, reruns the network on each sequence's last `receptive_field`
+  tokens ((encoder_layers + decoder_layers) * (window - 1) + 1; 253 for 2+2 layers, window 64).
+  Bounded but much dearer per step; useful when no state is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expertflow.predictor.incremental import StepState, empty_state, step
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel, load_model
 
 
@@ -59,3 +63,28 @@ class RoutingPredictor:
     def predict_array(self, token_ids: np.ndarray) -> np.ndarray:
         """One sequence (S,) -> (S, L, E) float32 probabilities."""
         return self.predict([token_ids.tolist()])[0].numpy()
+
+    def start(self, token_ids: list[list[int]]) -> tuple[StepState, torch.Tensor]:
+        """Feed whole prompts; -> (state, probabilities (B, L, E) for each prompt's last token). Ragged
+        prompts are left-aligned by feeding inactive steps that leave nothing in the cache."""
+        if not token_ids or any(len(ids) == 0 for ids in token_ids):
+            raise ValueError("start needs at least one non-empty sequence")
+        longest = max(len(ids) for ids in token_ids)
+        state = empty_state(self.model, len(token_ids))
+        logits = None
+        for t in range(longest):
+            offset = [t - (longest - len(ids)) for ids in token_ids]              # index into each prompt
+            active = torch.tensor([o >= 0 for o in offset])
+            tokens = torch.tensor([ids[o] if o >= 0 else 0 for ids, o in zip(token_ids, offset)])
+            logits, state = step(self.model, state, self._checked(tokens), active)
+        return state, torch.sigmoid(logits)
+
+    def step(self, state: StepState, tokens: list[int]) -> tuple[StepState, torch.Tensor]:
+        """One decoding step: the new token of each sequence -> (state, probabilities (B, L, E))."""
+        logits, state = step(self.model, state, self._checked(torch.as_tensor(tokens, dtype=torch.long)))
+        return state, torch.sigmoid(logits)
+
+    def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.numel() and (int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0):
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        return tokens

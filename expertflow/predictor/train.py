@@ -36,6 +36,7 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     max_length: int = 512         # longer sequences are cut into pieces of this length
+    freeze_embeddings: bool = False  # keep initial (MoE) embeddings fixed: unseen tokens stay consistent
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -131,7 +132,11 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
     if embeddings is not None:
         with torch.no_grad():
             model.embed.weight.copy_(initial_embeddings(embeddings, model_config.d_model))
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Frozen MoE embeddings make the predictor a function of the MoE model's own token geometry, so tokens
+    # that never occur in the traces (other domains) are placed where the trained ones taught it to look.
+    model.embed.weight.requires_grad_(not (config.freeze_embeddings and embeddings is not None))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_pieces) / config.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, steps_per_epoch * config.epochs))
     E = model_config.num_experts
@@ -147,7 +152,7 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
             loss, _, _ = _loss(model, batch, E)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             total += loss.item()
