@@ -9,7 +9,12 @@ from expertflow.engine import Engine, GenerationOutput, Predictor
 from expertflow.errors import ExpertflowError
 from expertflow.loading import load
 from expertflow.routing import RoutingRecorder
+from expertflow.seq2seq import Seq2SeqEngine
 from expertflow.stats import RunStats
+
+
+# The decode loop for each adapter kind: decoder-only models, or an encoder run once then a decoder.
+ENGINES = {"decoder": Engine, "encoder-decoder": Seq2SeqEngine}
 
 
 def check_prompt(prompt: str) -> None:
@@ -24,7 +29,7 @@ class ExpertflowModel:
         self.config = config
         recorder = RoutingRecorder()
         self._parts = load(config, observer=recorder.observe)
-        self.engine = Engine(self._parts, recorder, self._predictor(predictor))
+        self.engine = ENGINES[self._parts.adapter.kind](self._parts, recorder, self._predictor(predictor))
         self.stats: RunStats | None = None
 
     def _predictor(self, given: Predictor | None) -> Predictor | None:

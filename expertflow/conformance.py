@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
 
 from expertflow.adapters import adapter_for
 from expertflow.checkpoint import INDEX_FILE, Checkpoint
@@ -25,7 +24,7 @@ class ModelReport:
     model_type: str
     layers: int
     moe_layers: list[int]
-    dense_layers: list[int]
+    dense_layers: list[int]  # blocks without routed experts, numbered over the stacks in order
     experts_per_layer: int
     top_k: int
     expert_bytes: int
@@ -36,6 +35,7 @@ class ModelReport:
     sharded: bool
     shards: int
     min_cache_experts: dict[str, int]
+    stacks: list[dict]  # per stack: name, blocks, moe_blocks, moe_layers (encoder-decoder models have two)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,9 +47,14 @@ def inspect_model(model_dir: Path) -> ModelReport:
     adapter = adapter_for(hf_config)
     checkpoint = Checkpoint(config.model)
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    moe_layers = adapter.moe_layers(skeleton)
-    layer_count = len(skeleton.get_submodule("model.layers"))
+        skeleton = adapter.auto_class.from_config(hf_config)
+    stacks = adapter.stacks(skeleton)
+    moe_layers = [layer for stack in stacks for layer in stack.moe_layers]
+    layer_count = sum(stack.blocks for stack in stacks)
+    dense_layers, first = [], 0
+    for stack in stacks:
+        dense_layers += [first + b for b in range(stack.blocks) if b not in stack.moe_blocks]
+        first += stack.blocks
     available = set(checkpoint.keys())
     refs = {(layer, e): adapter.expert_refs(layer, e, available)
             for layer in moe_layers for e in range(adapter.num_experts)}
@@ -60,7 +65,7 @@ def inspect_model(model_dir: Path) -> ModelReport:
     shards = len({checkpoint.file_of(name) for name in available})
     return ModelReport(
         architecture=type(skeleton).__name__, model_type=hf_config.model_type, layers=layer_count,
-        moe_layers=moe_layers, dense_layers=[i for i in range(layer_count) if i not in moe_layers],
+        moe_layers=moe_layers, dense_layers=dense_layers,
         experts_per_layer=adapter.num_experts, top_k=adapter.top_k, expert_bytes=expert_bytes,
         all_expert_bytes=expert_bytes * len(refs), resident_bytes=resident_bytes,
         checkpoint_layout="per-expert" if first[0].index is None else "fused",
@@ -68,4 +73,5 @@ def inspect_model(model_dir: Path) -> ModelReport:
         sharded=(config.model / INDEX_FILE).is_file(), shards=shards,
         min_cache_experts={name: cls.min_capacity(moe_layers, adapter.num_experts, adapter.top_k)
                            for name, cls in POLICIES.items()},
+        stacks=[asdict(stack) for stack in stacks],
     )

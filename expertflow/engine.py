@@ -52,6 +52,20 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
+def check_request(input_ids: list[list[int]], max_new_tokens: int, max_positions: int | None) -> None:
+    """One-line errors for requests no engine can run: an empty prompt, no new tokens, past the context."""
+    if not input_ids or any(len(p) == 0 for p in input_ids):
+        raise ExpertflowError("empty prompt: give at least one token of input")
+    if max_new_tokens < 1:
+        raise ExpertflowError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    longest = max(map(len, input_ids))
+    if max_positions and longest + max_new_tokens > max_positions:
+        raise ExpertflowError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+            f"{max_positions}; shorten the prompt or lower max_new_tokens"
+        )
+
+
 class Predictor(Protocol):
     """What the engine needs of a routing predictor (expertflow.predictor.runtime.RoutingPredictor)."""
 
@@ -118,16 +132,7 @@ class Engine:
         )
 
     def _validate(self, input_ids: list[list[int]], max_new_tokens: int) -> None:
-        if not input_ids or any(len(p) == 0 for p in input_ids):
-            raise ExpertflowError("empty prompt: give at least one token of input")
-        if max_new_tokens < 1:
-            raise ExpertflowError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        longest = max(map(len, input_ids))
-        if self.max_positions and longest + max_new_tokens > self.max_positions:
-            raise ExpertflowError(
-                f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
-                f"{self.max_positions}; shorten the prompt or lower max_new_tokens"
-            )
+        check_request(input_ids, max_new_tokens, self.max_positions)
 
     def _left_pad(self, input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, input_ids))

@@ -38,7 +38,9 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        # hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)
+        # hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K) once the adapter has normalised
+        # the family's routing inputs (Switch passes a one-hot dispatch mask)
+        top_k_index, top_k_weights = self._adapter.routing_inputs(top_k_index, top_k_weights)
         if self._observer is not None:
             self._observer(self.layer, top_k_index)
         final_hidden_states = torch.zeros_like(hidden_states)

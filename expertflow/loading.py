@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from expertflow.adapters import MoEAdapter, adapter_for
 from expertflow.cache import ExpertCache
@@ -57,7 +57,7 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     adapter = adapter_for(hf_config)
     checkpoint = Checkpoint(config.model)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=config.torch_dtype)
+        model = adapter.auto_class.from_config(hf_config, dtype=config.torch_dtype)
     layers = adapter.moe_layers(model)
     if not layers:
         raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")

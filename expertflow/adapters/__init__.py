@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from expertflow.adapters.base import ExpertLayout, ExpertPart, MoEAdapter, TensorRef
+from expertflow.adapters.base import ExpertLayout, ExpertPart, MoEAdapter, StackLayers, TensorRef
 from expertflow.adapters.deepseek import DeepseekAdapter
 from expertflow.adapters.gpt_oss import GptOssAdapter
 from expertflow.adapters.mixtral import MixtralAdapter
 from expertflow.adapters.olmoe import OlmoeAdapter
 from expertflow.adapters.qwen2_moe import Qwen2MoeAdapter
 from expertflow.adapters.qwen3_moe import Qwen3MoeAdapter
+from expertflow.adapters.switch import SwitchAdapter
 from expertflow.errors import ExpertflowError
 
 ADAPTERS: tuple[type[MoEAdapter], ...] = (
@@ -18,6 +19,7 @@ ADAPTERS: tuple[type[MoEAdapter], ...] = (
     OlmoeAdapter,
     DeepseekAdapter,
     GptOssAdapter,
+    SwitchAdapter,
 )
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in cls.architectures)
@@ -41,6 +43,7 @@ __all__ = [
     "ExpertLayout",
     "ExpertPart",
     "MoEAdapter",
+    "StackLayers",
     "TensorRef",
     "adapter_for",
 ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 from expertflow.errors import ExpertflowError
@@ -60,6 +62,17 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True)
+class StackLayers:
+    """One stack of transformer blocks (a decoder-only model has one): its block count, the blocks that
+    hold routed experts, and the MoE layer numbers (cache keys) the adapter gives them, in block order."""
+
+    name: str
+    blocks: int
+    moe_blocks: tuple[int, ...]
+    moe_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """Where a piece of an expert lives in the checkpoint: a tensor name, and for fused 3-D tensors the
     expert's index along dim 0. Refs of one expert fill its flat buffer in order."""
@@ -82,6 +95,9 @@ class MoEAdapter:
     fused_expert_names: tuple[str, ...] = ("gate_up_proj", "down_proj")
     num_experts_attr: str = "num_experts"
     intermediate_attr: str = "moe_intermediate_size"
+    # The transformers auto class that builds the family's skeleton, and which engine decodes it.
+    auto_class: ClassVar[type] = AutoModelForCausalLM
+    kind: ClassVar[str] = "decoder"  # "decoder" (engine.py) or "encoder-decoder" (seq2seq.py)
 
     def __init__(self, config) -> None:
         self.config = config
@@ -104,6 +120,11 @@ class MoEAdapter:
         """Decoder layers whose MLP is a routed MoE block (dense first layers, mlp_only_layers excluded)."""
         layers = model.get_submodule("model.layers")
         return [i for i in range(len(layers)) if self._has_experts(model, i)]
+
+    def stacks(self, model: nn.Module) -> list[StackLayers]:
+        """The model's stacks, for reports; here MoE layers are numbered by their decoder block."""
+        layers = tuple(self.moe_layers(model))
+        return [StackLayers("decoder", len(model.get_submodule("model.layers")), layers, layers)]
 
     def _has_experts(self, model: nn.Module, layer: int) -> bool:
         try:
@@ -154,6 +175,12 @@ class MoEAdapter:
         return paths + ([own] if own not in paths else [])
 
     # ---- compute ----------------------------------------------------------------------------
+    def routing_inputs(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the family's MoE block passes its `experts` -> (top_k_index (T, K), top_k_weights (T, K)).
+
+        transformers 5 blocks already pass that; an index equal to E marks a slot no expert computes."""
+        return top_k_index, top_k_weights
+
     def expert_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """One expert on its tokens x (T, H) -> (T, H), exactly as transformers' eager experts loop."""
         gate, up = nn.functional.linear(x, weights["gate_up"]).chunk(2, dim=-1)

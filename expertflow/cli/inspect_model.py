@@ -22,8 +22,7 @@ def run(args: argparse.Namespace) -> int:
     minimum = ", ".join(f"{name} {n}" for name, n in report.min_cache_experts.items())
     rows = [
         ("architecture", f"{report.architecture} ({report.model_type})"),
-        ("layers", f"{report.layers}: MoE {_ranges(report.moe_layers)}"
-                   + (f", dense {_ranges(report.dense_layers)}" if report.dense_layers else "")),
+        ("layers", _layers(report)),
         ("experts", f"{report.experts_per_layer} per layer, top-{report.top_k}"),
         ("expert bytes", f"{human_bytes(report.expert_bytes)} each, {human_bytes(report.all_expert_bytes)} in all"),
         ("resident bytes", f"{human_bytes(report.resident_bytes)} (non-expert weights)"),
@@ -35,6 +34,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line(report.as_dict())
     return 0
+
+
+def _layers(report) -> str:
+    if len(report.stacks) == 1:
+        return (f"{report.layers}: MoE {_ranges(report.moe_layers)}"
+                + (f", dense {_ranges(report.dense_layers)}" if report.dense_layers else ""))
+    # Encoder-decoder: MoE layers (cache keys) are numbered over the stacks' sparse blocks in order.
+    return "; ".join(f"{s['name']} {s['blocks']} blocks, MoE blocks {_ranges(s['moe_blocks'])} "
+                     f"= layers {_ranges(s['moe_layers'])}" for s in report.stacks)
 
 
 def _ranges(layers: list[int]) -> str:
