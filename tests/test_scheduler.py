@@ -252,9 +252,10 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_schedule_eval_end_to_end(tmp_path, capsys):
     traces, plot = tmp_path / "syn.trace", tmp_path / "plot.png"
     synthetic_traces(traces)
-    rc, out, _ = _run(capsys, "schedule-eval", "--traces", str(traces), "--batch-size", "2,4",
+    rc, out, _ = _run(capsys, "schedule-eval", "--traces", str(traces), "--batch-size", "2,4,16",
                       "--schedule-unit", "2,4", "--json", "--plot", str(plot))
     assert rc == 0 and plot.stat().st_size > 0
+    assert "skipped 2 x 16, 4 x 16" in out
     report = json.loads(out.strip().splitlines()[-1])
     rows = {(r["unit"], r["batch_size"], r["scheduler"]): r for r in report["rows"]}
     assert {k[2] for k in rows} == {"fifo", "similarity", "swap"}
@@ -296,7 +297,7 @@ def test_schedule_eval_with_predictor(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--schedulers", "fifo,kmeans"], "unknown schedulers ['kmeans']"),
     (["--batch-size", "0"], "must be non-empty lists of integers >= 1"),
-    (["--batch-size", "64"], "no unit of 4 x 64 sequences"),
+    (["--batch-size", "64"], "has 16 sequences, fewer than the smallest unit of 2 x 64"),
 ])
 def test_schedule_eval_bad_flags(tmp_path, capsys, argv, needle):
     traces = tmp_path / "syn.trace"

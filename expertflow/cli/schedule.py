@@ -90,10 +90,12 @@ def run_schedule_eval(args: argparse.Namespace) -> int:
     true = generated_paths(traces)
     predicted = predicted_paths(traces, args.predictor, args.threads) if args.predictor else None
     rows = evaluate(true, predicted, config)
-    if not any(r.instances for r in rows):
-        raise ExpertflowError(f"{args.traces}: no unit of {max(config.units)} x {max(config.batch_sizes)} "
-                              f"sequences; use smaller --batch-size or --schedule-unit")
+    if not rows:
+        raise ExpertflowError(f"{args.traces} has {len(true)} sequences, fewer than the smallest unit of "
+                              f"{min(config.units)} x {min(config.batch_sizes)}; use smaller --batch-size or "
+                              f"--schedule-unit")
     _print_table(rows, args.traces)
+    _print_skipped(rows, config, len(true))
     if args.plot is not None:
         _plot(rows, args.plot)
     if args.json:
@@ -114,6 +116,13 @@ def _print_table(rows: list[Row], path: Path) -> None:
     console = Console()
     console.width = max(console.width, 110)   # a squeezed 9-column table is unreadable in a log file
     console.print(table)
+
+
+def _print_skipped(rows: list[Row], config: ScheduleEvalConfig, sequences: int) -> None:
+    done = {(r.unit, r.batch_size) for r in rows}
+    skipped = [f"{u} x {b}" for u in config.units for b in config.batch_sizes if (u, b) not in done]
+    if skipped:
+        Console().print(f"skipped {', '.join(skipped)}: a unit needs more than the trace's {sequences} sequences")
 
 
 def _plot(rows: list[Row], path: Path) -> None:

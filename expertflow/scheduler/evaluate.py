@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertflow.scheduler import SCHEDULERS, ExactLimitError, Grouping, total_distinct
+from expertflow.scheduler import SCHEDULERS, ExactLimitError, Grouping, Scheduler, total_distinct
 from expertflow.scheduler.exact import solve
 from expertflow.traces import TraceSet
 
@@ -118,7 +118,7 @@ def evaluate_cell(cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int, u
     for name in names:
         costs, seconds = _run(SCHEDULERS[name](), cases, batch_size, unit)
         fifo = rows[0].distinct_per_batch if rows else None
-        mean = float(np.mean(costs)) / unit if costs else float("nan")
+        mean = float(np.mean(costs)) / unit
         gap = (sum(costs[i] for i in solved) / sum(solved.values()) - 1.0) if solved else None
         rows.append(Row(batch_size, unit, routing, name, len(cases), mean,
                         1.0 - mean / fifo if fifo else 0.0, 1e3 * seconds / max(len(cases), 1),
@@ -126,7 +126,8 @@ def evaluate_cell(cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int, u
     return rows
 
 
-def _run(scheduler, cases, batch_size: int, unit: int) -> tuple[list[int], float]:
+def _run(scheduler: Scheduler, cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int,
+         unit: int) -> tuple[list[int], float]:
     costs, seconds = [], 0.0
     for true, seen in cases:
         start = time.perf_counter()
@@ -145,10 +146,13 @@ def _exact_sample(count: int, batch_size: int, unit: int, config: ScheduleEvalCo
 
 
 def evaluate(true: Paths, predicted: Paths | None, config: ScheduleEvalConfig) -> list[Row]:
+    """Rows per (U, B, routing, scheduler); a (U, B) with no full unit in the trace has no rows."""
     rows = []
     sources: Sequence[tuple[str, Paths]] = [("true", true)] + ([("predicted", predicted)] if predicted else [])
     for unit in config.units:
         for batch_size in config.batch_sizes:
+            if len(true) < batch_size * unit:
+                continue
             optima = true_optima(instances(true, true, batch_size, unit), batch_size, unit, config)
             for routing, inputs in sources:
                 cases = instances(true, inputs, batch_size, unit)

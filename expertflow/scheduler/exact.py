@@ -100,7 +100,7 @@ def diverse_order(bits: list[int]) -> list[int]:
 
 def solve(paths: np.ndarray, batch_size: int, unit: int, node_limit: int) -> tuple[Grouping, int]:
     """Optimal grouping of validated bool paths (N, L, E) and its objective; raises ExactLimitError."""
-    seed = SwapScheduler()._group(paths, batch_size, unit)
+    seed = SwapScheduler().group(paths, batch_size, unit)
     seed_labels = seed.batch_of
     bits = bitsets(paths)
     order = diverse_order(bits)
