@@ -22,6 +22,7 @@ class RingPolicy(CachePolicy):
         super().__init__(capacity, layers, num_experts, top_k)
         self.half = min(num_experts, capacity // 2)
         self.uses: Counter[Key] = Counter()
+        self._resident: dict[int, set[Key]] = {layer: set() for layer in self.layers}
         self._running = len(self.layers) - 1  # position of the layer now running; plan() precedes the first
 
     @classmethod
@@ -48,26 +49,31 @@ class RingPolicy(CachePolicy):
         ranked = sorted(range(self.num_experts), key=lambda e: (-self.uses[(layer, e)], e))
         return [(layer, e) for e in ranked[: self.half]]
 
-    def _distance(self, key: Key) -> int:
-        """Layers until `key`'s layer runs again, counting from the running one (0)."""
-        return (self.position(key[0]) - self._running) % len(self.layers)
+    def _by_distance(self) -> list[int]:
+        """Layers from the one that runs last to the running one (the ring's eviction order)."""
+        n = len(self.layers)
+        return [self.layers[(self._running + d) % n] for d in range(n - 1, -1, -1)]
 
     def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
         if not full:
             return True
         # The ring never pushes out the running layer or the next one to make room.
-        return any(self._distance(k) > 1 for k in resident if k not in pinned)
+        return any(k not in pinned for layer in self._by_distance()[:-2] for k in self._resident[layer])
 
     def on_hit(self, key: Key) -> None:
         return None
 
     def on_load(self, key: Key) -> None:
-        return None
+        self._resident[key[0]].add(key)
 
     def on_evict(self, key: Key) -> None:
-        return None
+        self._resident[key[0]].discard(key)
 
     def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
         if not full:
             return None
-        return max((k for k in resident if k not in pinned), key=lambda k: (self._distance(k), -self.uses[k]))
+        for layer in self._by_distance():
+            free = [k for k in self._resident[layer] if k not in pinned]
+            if free:
+                return min(free, key=lambda k: (self.uses[k], k[1]))
+        return None
