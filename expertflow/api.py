@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from expertflow.config import EngineConfig, parse_size
+from expertflow.batching import BatchRunner, ManyOutput
 from expertflow.engine import Engine, GenerationOutput, Predictor
 from expertflow.errors import ExpertflowError
 from expertflow.loading import load
 from expertflow.routing import RoutingRecorder
+from expertflow.scheduler import scheduler_class
 from expertflow.seq2seq import Seq2SeqEngine
 from expertflow.stats import RunStats
 
@@ -33,10 +35,10 @@ class ExpertflowModel:
         self.stats: RunStats | None = None
 
     def _predictor(self, given: Predictor | None) -> Predictor | None:
-        """The RPP the policy plans from: `given`, else the config's directory; None for other policies."""
-        if not self._parts.policy.uses_forecast:
-            return None
+        """The RPP that policies plan from and schedulers group by: `given`, else the config's directory."""
         if given is None and self.config.predictor is None:
+            if not self._parts.policy.uses_forecast:
+                return None
             raise ExpertflowError(f"policy {self._parts.policy.name!r} plans from a routing predictor; pass "
                                   "--predictor DIR (train one with expertflow train-predictor)")
         if given is not None:
@@ -106,6 +108,23 @@ class ExpertflowModel:
             input_ids = [self.encode(p) for p in prompts]
         out = self.engine.generate(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                    record_routing=record_routing)
+        self.stats = out.stats
+        return out
+
+    def generate_many(self, prompts: list[str] | None = None, *, input_ids: list[list[int]] | None = None,
+                      batch_size: int = 8, scheduler: str = "fifo", schedule_unit: int = 2,
+                      max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None) -> ManyOutput:
+        """Many prompts in scheduling units of `schedule_unit` batches of `batch_size`, regrouped each step by
+        `scheduler` (fifo keeps arrival order); outputs come back in input order."""
+        if (prompts is None) == (input_ids is None):
+            raise ExpertflowError("give either prompts (text) or input_ids, not both or neither")
+        if input_ids is None:
+            input_ids = [self.encode(p) for p in prompts]
+        if batch_size < 1 or schedule_unit < 1:
+            raise ExpertflowError(f"--batch-size and --schedule-unit must be at least 1, got {batch_size} and "
+                                  f"{schedule_unit}")
+        runner = BatchRunner(self.engine, scheduler_class(scheduler)(), batch_size, schedule_unit)
+        out = runner.run(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         self.stats = out.stats
         return out
 

@@ -89,7 +89,7 @@ class Engine:
         self._validate(input_ids, max_new_tokens)
         sampler = Sampler(temperature, seed)
         eos = torch.tensor(self.parts.eos_token_ids, dtype=torch.long, device=self.device)
-        ids, mask = self._left_pad(input_ids)
+        ids, mask = self.left_pad(input_ids)
         batch = len(input_ids)
         routing: list[list[np.ndarray]] = [[] for _ in range(batch)]
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -98,7 +98,7 @@ class Engine:
         before = self.parts.cache.figures()
         start = time.perf_counter()
 
-        logits, kv = self._forward(ids, mask, None, self._forecast(input_ids, prefill=True))
+        logits, kv = self.forward(ids, mask, None, self.forecast(input_ids, prefill=True))
         if record_routing:
             self._keep_prompt_routing(routing, mask)
         prefill_seconds = time.perf_counter() - start
@@ -110,8 +110,8 @@ class Engine:
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            forecast = self._forecast(_running(input_ids, generated, finished), prefill=False)
-            logits, kv = self._forward(token[:, None], mask, kv, forecast)
+            forecast = self.forecast(_running(input_ids, generated, finished), prefill=False)
+            logits, kv = self.forward(token[:, None], mask, kv, forecast)
             if record_routing:
                 self._keep_step_routing(routing, generated, step)
         seconds = time.perf_counter() - start
@@ -119,7 +119,7 @@ class Engine:
         if record_routing:  # the last generated tokens have not been through the model yet
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
             last = torch.tensor([g[-1] for g in generated], device=self.device)
-            self._forward(last[:, None], mask, kv, self._forecast(_running(input_ids, generated, None), False))
+            self.forward(last[:, None], mask, kv, self.forecast(_running(input_ids, generated, None), False))
             self._keep_step_routing(routing, generated, max(len(g) for g in generated) - 1)
         self.recorder.enabled = False
 
@@ -134,7 +134,7 @@ class Engine:
     def _validate(self, input_ids: list[list[int]], max_new_tokens: int) -> None:
         check_request(input_ids, max_new_tokens, self.max_positions)
 
-    def _left_pad(self, input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def left_pad(self, input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, input_ids))
         ids = torch.full((len(input_ids), width), self.parts.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(input_ids), width), dtype=torch.long)
@@ -143,9 +143,9 @@ class Engine:
             mask[b, width - len(prompt):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _forecast(self, token_ids: list[list[int]], prefill: bool) -> Forecast | None:
+    def forecast(self, token_ids: list[list[int]], prefill: bool) -> Forecast | None:
         """The predictor's forecast of the coming forward's routing over (layer, expert) keys."""
-        if self.predictor is None or not token_ids:
+        if self.predictor is None or not token_ids or not self.parts.policy.uses_forecast:
             return None
         if prefill:
             probs = self.predictor.predict(token_ids).flatten(0, 1)     # (B * S, L, E)
@@ -153,7 +153,7 @@ class Engine:
             probs = self.predictor.predict_next(token_ids)              # (B, L, E)
         return batch_forecast(probs.float().cpu().numpy(), self.parts.layers)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, kv, forecast: Forecast | None):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, kv, forecast: Forecast | None):
         """One model forward over the new positions `ids` (B, S); returns last-position logits (B, V) and KV.
 
         The cache plans from `forecast` first, so prefetches run while the model computes."""

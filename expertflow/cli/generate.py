@@ -1,19 +1,32 @@
-"""`expertflow generate`: one prompt through the offloaded engine, then the run's figures."""
+"""`expertflow generate`: a prompt (or a file of prompts, batched and scheduled) through the offloaded
+engine, then the run's figures."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from expertflow.api import ExpertflowModel, check_prompt
 from expertflow.cli.options import add_engine_options, engine_config
 from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.datasets import load_prompts
+from expertflow.errors import ExpertflowError
+from expertflow.scheduler import SCHEDULERS
 from expertflow.stats import RunStats
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate text with offloaded experts")
     add_engine_options(parser)
-    parser.add_argument("--prompt", required=True, help="input text")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="input text")
+    source.add_argument("--prompts-file", type=Path, metavar="FILE",
+                        help="many prompts: jsonl with a `prompt` field, or one prompt per line")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch with --prompts-file")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="fifo",
+                        help="token scheduler regrouping sequences between batches (default fifo)")
+    parser.add_argument("--schedule-unit", type=int, default=2, metavar="U",
+                        help="batches regrouped together (default 2, as in the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=None)
@@ -22,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts_file is not None:
+        return run_many(args)
     check_prompt(args.prompt)  # before the model loads: a typo should not cost a load
     config = engine_config(args)
     model = ExpertflowModel(config)
@@ -35,6 +50,33 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line({"text": text, "token_ids": out.sequences[0], "policy": config.policy,
                          "store": config.store, **out.stats.as_dict()})
+    return 0
+
+
+def run_many(args: argparse.Namespace) -> int:
+    prompts = load_prompts(str(args.prompts_file))
+    if not prompts:
+        raise ExpertflowError(f"{args.prompts_file} holds no prompts; write one per line or a `prompt` field per row")
+    config = engine_config(args)
+    model = ExpertflowModel(config)
+    out = model.generate_many(prompts, batch_size=args.batch_size, scheduler=args.scheduler,
+                              schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, seed=args.seed)
+    texts = [model.decode(ids) for ids in out.sequences]
+    for i, text in enumerate(texts):
+        print(f"[{i}] {text!r}")
+    rows = [("prompts", f"{len(prompts)} in units of {args.schedule_unit} x {args.batch_size}, {args.scheduler}"),
+            ("activated experts / batch", f"{out.activated_experts_per_batch:.2f}"),
+            ("decode batch forwards", f"{out.decode_forwards}"),
+            ("scheduling time", f"{out.schedule_seconds:.3f} s"),
+            *figure_rows(out.stats)]
+    print_table(f"{model.name}, {config.policy}, {config.store}", ("figure", "value"), rows)
+    if args.json:
+        print_json_line({"outputs": out.sequences, "texts": texts, "scheduler": args.scheduler,
+                         "batch_size": args.batch_size, "schedule_unit": args.schedule_unit,
+                         "activated_experts_per_batch": out.activated_experts_per_batch,
+                         "decode_forwards": out.decode_forwards, "schedule_seconds": out.schedule_seconds,
+                         "policy": config.policy, "store": config.store, **out.stats.as_dict()})
     return 0
 
 

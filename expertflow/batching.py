@@ -1,0 +1,188 @@
+"""Many prompts through the engine in scheduling units: U batches of B sequences, regrouped every step.
+
+Each decoding step of a unit reads like the paper's pipeline (Fig. 1):
+  predict  - the RPP forecasts each live sequence's next routing; without an RPP, the routing its
+             previous token actually took stands in (the TLP guess)
+  schedule - the token scheduler regroups the unit's live sequences into balanced batches
+  regroup  - KV caches follow their sequences (Merge the unit's batches, Reindex to the new rows)
+  run      - each batch forwards its tokens; the cache plans and prefetches from that batch's forecast
+  sample   - next tokens; finished sequences leave and waiting prompts join (continuous batching)
+
+Shape legend: N live sequences, L MoE layers, E experts, K top_k, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from expertflow.engine import Engine, Sampler, check_request
+from expertflow.kv import KVBatch, merge, select
+from expertflow.policies.forecast import batch_forecast
+from expertflow.scheduler import Grouping, Scheduler, routing_paths
+from expertflow.stats import RunStats
+
+
+@dataclass
+class Sequence:
+    index: int                       # position in the caller's prompt list
+    prompt: list[int]
+    generated: list[int] = field(default_factory=list)
+    last_routing: np.ndarray | None = None  # (L, K) experts the last token fed to the model used
+    forecast: np.ndarray | None = None      # (L, E) predicted probabilities for the next token fed
+
+
+@dataclass
+class Batch:
+    members: list[Sequence]
+    kv: KVBatch
+    logits: torch.Tensor | None = None  # (rows, V) next-token logits
+
+
+@dataclass(frozen=True)
+class ManyOutput:
+    sequences: list[list[int]]           # generated ids per prompt, in input order
+    stats: RunStats
+    activated_experts_per_batch: float   # mean distinct (layer, expert) pairs per decode batch forward
+    decode_forwards: int
+    schedule_seconds: float              # spent predicting and scheduling (not hidden yet)
+
+
+class BatchRunner:
+    def __init__(self, engine: Engine, scheduler: Scheduler, batch_size: int, unit: int = 2) -> None:
+        if batch_size < 1 or unit < 1:
+            raise ValueError(f"batch size and schedule unit must be >= 1, got {batch_size} and {unit}")
+        self.engine = engine
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.unit = unit
+        self.parts = engine.parts
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+            seed: int | None = None) -> ManyOutput:
+        check_request(prompts, max_new_tokens, self.engine.max_positions)
+        sampler = Sampler(temperature, seed)
+        waiting = deque(Sequence(i, list(p)) for i, p in enumerate(prompts))
+        done: list[Sequence] = []
+        batches: list[Batch] = []
+        distinct: list[int] = []
+        schedule_seconds = 0.0
+        self.engine.recorder.enabled = True
+        before = self.parts.cache.figures()
+        start = time.perf_counter()
+        try:
+            while waiting or batches:
+                batches += self._admit(waiting, sum(len(b.members) for b in batches))
+                batches = self._sample(batches, sampler, max_new_tokens, done)
+                if not batches:
+                    continue
+                t0 = time.perf_counter()
+                batches = self._regroup(batches)
+                schedule_seconds += time.perf_counter() - t0
+                distinct += [self._run(batch) for batch in batches]
+        finally:
+            self.engine.recorder.enabled = False
+        seconds = time.perf_counter() - start
+        done.sort(key=lambda s: s.index)
+        stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(len(s.generated) for s in done),
+                                 prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0)
+        return ManyOutput(sequences=[s.generated for s in done], stats=stats,
+                          activated_experts_per_batch=float(np.mean(distinct)) if distinct else 0.0,
+                          decode_forwards=len(distinct), schedule_seconds=schedule_seconds)
+
+    def _admit(self, waiting: deque[Sequence], live: int) -> list[Batch]:
+        """Prefill waiting prompts into free places of the unit, B at a time."""
+        joining = [waiting.popleft() for _ in range(min(self.batch_size * self.unit - live, len(waiting)))]
+        return [self._prefill(joining[i:i + self.batch_size]) for i in range(0, len(joining), self.batch_size)]
+
+    def _prefill(self, members: list[Sequence]) -> Batch:
+        ids, mask = self.engine.left_pad([s.prompt for s in members])
+        logits, cache = self.engine.forward(ids, mask, None, self.engine.forecast([s.prompt for s in members], True))
+        routing = self._take_routing(len(members), ids.shape[1])
+        for row, seq in enumerate(members):
+            seq.last_routing = routing[row, -1]
+        return Batch(members, KVBatch(cache, mask), logits)
+
+    def _sample(self, batches: list[Batch], sampler: Sampler, max_new_tokens: int,
+                done: list[Sequence]) -> list[Batch]:
+        """Append each row's next token; finished sequences leave their batch (their KV rows are dropped)."""
+        eos = set(self.parts.eos_token_ids)
+        kept = []
+        for batch in batches:
+            tokens = sampler(batch.logits).tolist()
+            rows = []
+            for row, (seq, token) in enumerate(zip(batch.members, tokens)):
+                seq.generated.append(int(token))
+                if token in eos or len(seq.generated) >= max_new_tokens:
+                    done.append(seq)
+                else:
+                    rows.append(row)
+            if len(rows) == len(batch.members):
+                kept.append(batch)
+            elif rows:
+                kept.append(Batch([batch.members[r] for r in rows], select(batch.kv, rows)))
+        return kept
+
+    def _regroup(self, batches: list[Batch]) -> list[Batch]:
+        """Predict each live sequence's routing, schedule, and move the KV rows to the new batches."""
+        members = [seq for b in batches for seq in b.members]
+        self._predict(members)
+        grouping = self._group(members)
+        if grouping is None:
+            return batches
+        kv = merge([b.kv for b in batches]) if len(batches) > 1 else batches[0].kv
+        return [Batch([members[i] for i in rows], select(kv, rows)) for rows in grouping]
+
+    def _predict(self, members: list[Sequence]) -> None:
+        """Set each sequence's (L, E) forecast of the token about to be fed (left None without an RPP)."""
+        if self.engine.predictor is None:
+            return
+        probs = self.engine.predictor.predict_next([s.prompt + s.generated for s in members])
+        for seq, p in zip(members, probs.float().cpu().numpy()):
+            seq.forecast = p
+
+    def _group(self, members: list[Sequence]) -> list[list[int]] | None:
+        """Rows of each new batch, or None to keep the batches as they are (fifo, or one batch)."""
+        n = len(members)
+        batches = math.ceil(n / self.batch_size)
+        if self.scheduler.name == "fifo" or batches == 1:
+            return None
+        paths = self._paths(members)
+        size = math.ceil(n / batches)
+        ghosts = np.zeros((batches * size - n, *paths.shape[1:]), dtype=bool)  # activate nothing: pad to equal
+        grouping: Grouping = self.scheduler.group(np.concatenate([paths, ghosts]), size, batches)
+        return [[i for i in rows if i < n] for rows in grouping.batches]
+
+    def _paths(self, members: list[Sequence]) -> np.ndarray:
+        """(N, L, E) routing paths to schedule on: the forecast's top-k, else the previous token's routing."""
+        if members[0].forecast is not None:
+            probs = np.stack([s.forecast for s in members])
+            ids = np.argsort(-probs, axis=-1, kind="stable")[..., : self.parts.adapter.top_k]
+        else:
+            ids = np.stack([s.last_routing for s in members]).astype(np.int64)
+        return routing_paths(ids, self.parts.adapter.num_experts)
+
+    def _run(self, batch: Batch) -> int:
+        """Forward each member's last token; returns the distinct (layer, expert) pairs the batch used."""
+        rows = len(batch.members)
+        mask = torch.cat([batch.kv.mask, torch.ones(rows, 1, dtype=batch.kv.mask.dtype,
+                                                     device=batch.kv.mask.device)], dim=1)
+        tokens = torch.tensor([[s.generated[-1]] for s in batch.members], device=self.engine.device)
+        forecast = None
+        if batch.members[0].forecast is not None and self.parts.policy.uses_forecast:
+            forecast = batch_forecast(np.stack([s.forecast for s in batch.members]), self.parts.layers)
+        batch.logits, cache = self.engine.forward(tokens, mask, batch.kv.cache, forecast)
+        batch.kv = KVBatch(cache, mask)
+        routing = self._take_routing(rows, 1)[:, 0]  # (rows, L, K)
+        for seq, r in zip(batch.members, routing):
+            seq.last_routing = r
+        return len({(layer, int(e)) for r in routing for layer, experts in enumerate(r) for e in experts})
+
+    def _take_routing(self, rows: int, width: int) -> np.ndarray:
+        return self.engine.recorder.take().reshape(rows, width, len(self.parts.layers), self.parts.adapter.top_k)

@@ -1,0 +1,103 @@
+"""Many prompts, batched and regrouped between steps: each sequence's tokens are those it gets alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import expertflow
+from expertflow.cli import main
+from expertflow.policies import POLICIES
+
+PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48],
+           [88, 7], [21, 22, 23, 24, 25, 26], [61, 62, 63, 64]]
+NEW_TOKENS = 10
+
+
+class RandomPredictor:
+    """A deliberately uninformed RPP: random probabilities; outputs must stay exact, only loads may suffer."""
+
+    def __init__(self, layers: int, experts: int) -> None:
+        self.generator = torch.Generator().manual_seed(1)
+        self.shape = (layers, experts)
+
+    def predict(self, token_ids):
+        return torch.rand(len(token_ids), max(map(len, token_ids)), *self.shape, generator=self.generator)
+
+    def predict_next(self, token_ids):
+        return torch.rand(len(token_ids), *self.shape, generator=self.generator)
+
+
+def _alone(model, prompts):
+    return [model.generate(input_ids=[p], max_new_tokens=NEW_TOKENS).sequences[0] for p in prompts]
+
+
+@pytest.mark.parametrize("scheduler", ["fifo", "similarity", "swap"])
+@pytest.mark.parametrize("batch_size,unit", [(2, 2), (3, 2), (2, 3)])
+def test_regrouped_sequences_decode_as_alone(tiny_mixtral_dir, scheduler, batch_size, unit):
+    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8)
+    out = m.generate_many(input_ids=PROMPTS, batch_size=batch_size, schedule_unit=unit, scheduler=scheduler,
+                          max_new_tokens=NEW_TOKENS)
+    assert out.sequences == _alone(expertflow.from_pretrained(tiny_mixtral_dir), PROMPTS)
+    assert out.stats.new_tokens == sum(map(len, out.sequences))
+
+
+@pytest.mark.parametrize("policy", sorted(p for p in POLICIES if p not in ("none", "belady")))
+def test_every_live_policy_with_a_predicted_schedule(tiny_mixtral_dir, policy):
+    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8, policy=policy,
+                                   predictor=RandomPredictor(3, 8))
+    out = m.generate_many(input_ids=PROMPTS, batch_size=2, scheduler="similarity", max_new_tokens=NEW_TOKENS)
+    assert out.sequences == _alone(expertflow.from_pretrained(tiny_mixtral_dir), PROMPTS)
+
+
+def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
+    """fifo with one batch: per decode step, the union of the live sequences' recorded routing."""
+    m = expertflow.from_pretrained(tiny_mixtral_dir)
+    prompts = PROMPTS[:3]
+    ref = m.generate(input_ids=prompts, max_new_tokens=NEW_TOKENS, record_routing=True)
+    expected = []
+    for step in range(max(map(len, ref.sequences)) - 1):  # a sequence's last token is never fed
+        rows = [r[len(p) + step] for r, p, g in zip(ref.routing, prompts, ref.sequences) if step < len(g) - 1]
+        expected.append(len({(layer, int(e)) for r in rows for layer, es in enumerate(r) for e in es}))
+    out = m.generate_many(input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS)
+    assert out.sequences == ref.sequences
+    assert out.decode_forwards == len(expected)
+    assert out.activated_experts_per_batch == pytest.approx(np.mean(expected))
+
+
+def test_embedded_model_xsum_prompts_similarity_equals_alone():
+    from expertflow.datasets import load_prompts
+
+    m = expertflow.from_pretrained(cache_experts=64)
+    prompts = [m.encode(p)[-96:] for p in load_prompts("xsum", limit=6)]
+    out = m.generate_many(input_ids=prompts, batch_size=3, scheduler="similarity", max_new_tokens=8)
+    assert out.sequences == [m.generate(input_ids=[p], max_new_tokens=8).sequences[0] for p in prompts]
+
+
+def test_generate_prompts_file_json(capsys, tmp_path):
+    lines = ["The capital of France is", "Describe a process of making crepes.", "Water boils at"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in lines))
+    capsys.readouterr()
+    rc = main(["generate", "--prompts-file", str(path), "--batch-size", "2", "--scheduler", "similarity",
+               "--max-new-tokens", "5", "--cache-experts", "32", "--json"])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0
+    m = expertflow.from_pretrained()
+    assert payload["outputs"] == [m.generate(p, max_new_tokens=5).sequences[0] for p in lines]
+    for field in ("activated_experts_per_batch", "hit_ratio", "expert_loads", "tokens_per_s"):
+        assert payload[field] > 0
+
+
+def test_prompts_file_errors(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    capsys.readouterr()
+    assert main(["generate", "--prompts-file", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none.txt" in err
