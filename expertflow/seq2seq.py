@@ -28,8 +28,8 @@ from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
 from expertflow.routing import RoutingRecorder
 from expertflow.stats import RunStats
+from expertflow.traces import NO_EXPERT
 
-NO_EXPERT = -1  # routing entry of a layer the token did not pass, or of a token dropped for capacity
 
 
 class Seq2SeqEngine:

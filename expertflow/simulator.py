@@ -20,7 +20,7 @@ from expertflow.policies import Forecast, Key, policy_class
 from expertflow.policies.forecast import batch_forecast
 from expertflow.policies.planner import CachePlanner
 from expertflow.residency import CacheCounters, Residency
-from expertflow.traces import TraceSet
+from expertflow.traces import NO_EXPERT, TraceSet
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def batch_forwards(traces: TraceSet, batch_size: int,
 def _forward(traces: TraceSet, rows: list[tuple[int, np.ndarray]], predictions: Sequence[np.ndarray] | None,
              layers: list[int], prefill: bool) -> Forward:
     routing = np.concatenate([traces.sequences[i].routing[pos] for i, pos in rows])        # (N, L, K)
-    experts = tuple(tuple(np.unique(routing[:, li]).tolist()) for li in range(len(layers)))
+    # NO_EXPERT entries (a token of the other stack, or dropped for capacity) use no expert.
+    experts = tuple(tuple(np.unique(col[col != NO_EXPERT]).tolist()) for col in routing.transpose(1, 0, 2))
     forecast = None
     if predictions is not None:
         forecast = batch_forecast(np.concatenate([predictions[i][pos] for i, pos in rows]), layers)
@@ -109,6 +110,8 @@ def replay_forward(planner: CachePlanner, fw: Forward, layers: Sequence[int]) ->
     """One forward, in the order OffloadedExperts drives the live cache."""
     planner.begin_step(fw.forecast)
     for layer, experts in zip(layers, fw.experts):
+        if not experts:  # a layer this forward does not run: the encoder's in a decoder step, and vice versa
+            continue
         keys = [(layer, e) for e in experts]
         planner.route(layer, keys)
         for key in keys:

@@ -9,7 +9,9 @@ Format (version 1): one safetensors file.
       prompt_index   int64 (N,)      which prompt of the dataset the sequence came from (runs share it)
       run            int64 (N,)      run number of that prompt (0..runs-1)
       token_ids      int32 (T,)      prompt then generated ids, sequences concatenated
-      routing        int16 (T, L, K) selected expert ids of every token at every MoE layer
+      routing        int16 (T, L, K) selected expert ids of every token at every MoE layer; -1 (NO_EXPERT):
+                     none, as the token did not pass the layer (the other stack of an encoder-decoder
+                     model) or the router dropped it for capacity (Switch)
 Written atomically: a temp file in the same directory, then os.replace.
 """
 
@@ -31,6 +33,7 @@ FORMAT_NAME = "expertflow-trace"
 FORMAT_VERSION = 1
 HEADER_KEY = "expertflow_trace"
 _TENSORS = ("prompt_lens", "generated_lens", "prompt_index", "run", "token_ids", "routing")
+NO_EXPERT = -1  # routing entry of a token that no expert of that layer computed
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,8 @@ class TraceSet:
             if seq.routing.shape[1:] != (h.num_layers, h.top_k):
                 raise ValueError(f"sequence {i}: routing {seq.routing.shape} does not match "
                                  f"L={h.num_layers}, K={h.top_k}")
-            if seq.routing.size and (seq.routing.min() < 0 or seq.routing.max() >= h.num_experts):
-                raise ValueError(f"sequence {i}: expert ids outside 0..{h.num_experts - 1}")
+            if seq.routing.size and (seq.routing.min() < NO_EXPERT or seq.routing.max() >= h.num_experts):
+                raise ValueError(f"sequence {i}: expert ids outside 0..{h.num_experts - 1} (or {NO_EXPERT}: none)")
 
     @property
     def num_tokens(self) -> int:
@@ -203,14 +206,17 @@ def summarize(traces: TraceSet) -> TraceSummary:
     h = traces.header
     counts = np.zeros((h.num_layers, h.num_experts), dtype=np.int64)  # (L, E)
     overlap = np.zeros(h.num_layers)
-    pairs = 0
+    pairs = np.zeros(h.num_layers)
     for seq in traces.sequences:
         r = seq.routing.astype(np.int64)                                # (T, L, K)
-        np.add.at(counts, (np.arange(h.num_layers)[None, :, None], r), 1)
+        valid = r != NO_EXPERT
+        layer = np.broadcast_to(np.arange(h.num_layers)[None, :, None], r.shape)
+        np.add.at(counts, (layer[valid], r[valid]), 1)
         if len(r) > 1:
-            same = (r[1:, :, :, None] == r[:-1, :, None, :]).any(-1)    # (T-1, L, K)
-            overlap += same.mean(-1).sum(0)
-            pairs += len(r) - 1
+            same = ((r[1:, :, :, None] == r[:-1, :, None, :]) & valid[:-1, :, None, :]).any(-1)  # (T-1, L, K)
+            both = valid[1:].any(-1) & valid[:-1].any(-1)               # (T-1, L): both tokens passed the layer
+            overlap += (same.mean(-1) * both).sum(0)
+            pairs += both.sum(0)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)        # (L, E)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(share > 0, share * np.log(share), 0.0).sum(1) / np.log(max(h.num_experts, 2))
@@ -222,7 +228,7 @@ def summarize(traces: TraceSet) -> TraceSummary:
         top_share=share.max(1).tolist(),
         gini=[_gini(row) for row in share],
         entropy=entropy.tolist(),
-        prev_token_overlap=(overlap / max(pairs, 1)).tolist(),
+        prev_token_overlap=(overlap / np.maximum(pairs, 1)).tolist(),
     )
 
 

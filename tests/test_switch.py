@@ -18,6 +18,9 @@ from expertflow.cli import main
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.errors import ExpertflowError
 from expertflow.policies import POLICIES
+from expertflow.policies.forecast import one_hot_routing
+from expertflow.simulator import batch_forwards
+from expertflow.traces import NO_EXPERT, read_traces, summarize
 
 # The last prompt is longer than 8 experts x capacity 2: every encoder layer drops some of its tokens.
 PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], list(range(100, 121))]
@@ -181,3 +184,31 @@ def test_inspect_reports_encoder_and_decoder_moe_layers(switch_dir, capsys):
     assert report["expert_bytes"] == 2 * 16 * 32 * 4 and report["all_expert_bytes"] == 32 * report["expert_bytes"]
     assert report["checkpoint_layout"] == "per-expert"
     assert report["min_cache_experts"]["lru"] == LAYERS
+
+
+def test_trace_and_simulate_both_stacks(switch_dir, tmp_path, capsys):
+    """Traces hold encoder routing on prompt rows and decoder routing on generated rows, NO_EXPERT elsewhere;
+    the simulator replays a prompt forward over encoder layers only and a decode forward over decoder layers."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Translate to Finnish: the house is small.\nTranslate to Finnish: good morning.\n")
+    trace_file = tmp_path / "switch.safetensors"
+    assert main(["trace", "--model", str(switch_dir), "--dataset", str(prompts), "--max-new-tokens", "5",
+                 "--out", str(trace_file)]) == 0
+    traces = read_traces(trace_file)
+    assert (traces.header.num_layers, traces.header.num_experts, traces.header.top_k) == (LAYERS, EXPERTS, 1)
+    for seq in traces.sequences:
+        prompt = len(seq.prompt_ids)
+        assert (seq.routing[:prompt, 2:] == NO_EXPERT).all() and (seq.routing[prompt:, :2] == NO_EXPERT).all()
+        assert (seq.routing[prompt:, 2:] >= 0).all()
+    assert all(0 <= share <= 1 for share in summarize(traces).prev_token_overlap)
+    forwards = batch_forwards(traces, batch_size=2)
+    assert all(fw.experts[2:] == ((), ()) and fw.experts[0] for fw in forwards if fw.prefill)
+    assert all(fw.experts[:2] == ((), ()) and fw.experts[2] for fw in forwards if not fw.prefill)
+    oracle = one_hot_routing(traces.sequences[0].routing, EXPERTS)
+    assert oracle[0, 2:].sum() == 0 and (oracle[0, :2].sum(-1) <= 1).all()
+
+    capsys.readouterr()
+    assert main(["simulate", "--traces", str(trace_file), "--model", str(switch_dir), "--policies", "lru,ring",
+                 "--cache-experts", "4,16", "--transfer-ratio", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert len(results) == 4 and all(0 <= r["hit_ratio"] <= 1 for r in results)

@@ -24,7 +24,9 @@ def batch_forecast(probs: np.ndarray, layers: Sequence[int]) -> dict[Key, float]
 
 
 def one_hot_routing(routing: np.ndarray, num_experts: int) -> np.ndarray:
-    """Routing (N, L, K) expert ids -> (N, L, E) 0/1 probabilities: the oracle forecast."""
-    out = np.zeros((*routing.shape[:2], num_experts), dtype=np.float32)
-    np.put_along_axis(out, routing.astype(np.int64), 1.0, axis=2)
-    return out
+    """Routing (N, L, K) expert ids -> (N, L, E) 0/1 probabilities: the oracle forecast.
+
+    A NO_EXPERT (-1) entry (layer not passed, or token dropped for capacity) gets no expert."""
+    out = np.zeros((*routing.shape[:2], num_experts + 1), dtype=np.float32)  # last column catches NO_EXPERT
+    np.put_along_axis(out, np.where(routing < 0, num_experts, routing).astype(np.int64), 1.0, axis=2)
+    return out[..., :num_experts]
