@@ -113,9 +113,11 @@ class ExpertflowModel:
 
     def generate_many(self, prompts: list[str] | None = None, *, input_ids: list[list[int]] | None = None,
                       batch_size: int = 8, scheduler: str = "fifo", schedule_unit: int = 2,
-                      max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None) -> ManyOutput:
+                      max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                      pipeline: bool = True) -> ManyOutput:
         """Many prompts in scheduling units of `schedule_unit` batches of `batch_size`, regrouped each step by
-        `scheduler` (fifo keeps arrival order); outputs come back in input order."""
+        `scheduler` (fifo keeps arrival order); outputs come back in input order. With `pipeline`, two units
+        are in flight and one is predicted and scheduled on a worker while the other runs."""
         if (prompts is None) == (input_ids is None):
             raise ExpertflowError("give either prompts (text) or input_ids, not both or neither")
         if input_ids is None:
@@ -123,7 +125,7 @@ class ExpertflowModel:
         if batch_size < 1 or schedule_unit < 1:
             raise ExpertflowError(f"--batch-size and --schedule-unit must be at least 1, got {batch_size} and "
                                   f"{schedule_unit}")
-        runner = BatchRunner(self.engine, scheduler_class(scheduler)(), batch_size, schedule_unit)
+        runner = BatchRunner(self.engine, scheduler_class(scheduler)(), batch_size, schedule_unit, pipeline)
         out = runner.run(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         self.stats = out.stats
         return out

@@ -8,6 +8,9 @@ Each decoding step of a unit reads like the paper's pipeline (Fig. 1):
   run      - each batch forwards its tokens; the cache plans and prefetches from that batch's forecast
   sample   - next tokens; finished sequences leave and waiting prompts join (continuous batching)
 
+Dual-batch pipeline (paper section 3.3.4): two units are in flight; while one unit's batches run on the
+model, a worker thread predicts and schedules the other, so that cost is hidden behind compute.
+
 Shape legend: N live sequences, L MoE layers, E experts, K top_k, V vocabulary.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,13 +54,16 @@ class ManyOutput:
     stats: RunStats
     activated_experts_per_batch: float   # mean distinct (layer, expert) pairs per decode batch forward
     decode_forwards: int
-    schedule_seconds: float              # spent predicting and scheduling (not hidden yet)
+    schedule_seconds: float              # spent predicting and scheduling, on the worker
+    schedule_wait_seconds: float         # of that, what the model waited for (not hidden by the pipeline)
 
 
 class BatchRunner:
-    def __init__(self, engine: Engine, scheduler: Scheduler, batch_size: int, unit: int = 2) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler, batch_size: int, unit: int = 2,
+                 pipeline: bool = True) -> None:
         if batch_size < 1 or unit < 1:
             raise ValueError(f"batch size and schedule unit must be >= 1, got {batch_size} and {unit}")
+        self.depth = 2 if pipeline else 1  # units in flight
         self.engine = engine
         self.scheduler = scheduler
         self.batch_size = batch_size
@@ -70,22 +77,23 @@ class BatchRunner:
         sampler = Sampler(temperature, seed)
         waiting = deque(Sequence(i, list(p)) for i, p in enumerate(prompts))
         done: list[Sequence] = []
-        batches: list[Batch] = []
         distinct: list[int] = []
-        schedule_seconds = 0.0
+        self._schedule_seconds = self._schedule_wait = 0.0
         self.engine.recorder.enabled = True
         before = self.parts.cache.figures()
         start = time.perf_counter()
         try:
-            while waiting or batches:
-                batches += self._admit(waiting, sum(len(b.members) for b in batches))
-                batches = self._sample(batches, sampler, max_new_tokens, done)
-                if not batches:
-                    continue
-                t0 = time.perf_counter()
-                batches = self._regroup(batches)
-                schedule_seconds += time.perf_counter() - t0
-                distinct += [self._run(batch) for batch in batches]
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-schedule") as worker:
+                # Dual-batch pipeline: while one unit's batches run on the model, the worker predicts and
+                # schedules the other unit, whose next tokens are already sampled.
+                plans: dict[int, Future] = {}
+                for u in range(self.depth):
+                    self._advance(u, [], waiting, sampler, max_new_tokens, done, plans, worker)
+                while plans:
+                    for u in sorted(plans):
+                        batches = self._wait(plans.pop(u))
+                        distinct += [self._run(batch) for batch in batches]
+                        self._advance(u, batches, waiting, sampler, max_new_tokens, done, plans, worker)
         finally:
             self.engine.recorder.enabled = False
         seconds = time.perf_counter() - start
@@ -94,10 +102,37 @@ class BatchRunner:
                                  prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0)
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
                           activated_experts_per_batch=float(np.mean(distinct)) if distinct else 0.0,
-                          decode_forwards=len(distinct), schedule_seconds=schedule_seconds)
+                          decode_forwards=len(distinct), schedule_seconds=self._schedule_seconds,
+                          schedule_wait_seconds=self._schedule_wait)
+
+    def _advance(self, u: int, batches: list[Batch], waiting: deque[Sequence], sampler: Sampler,
+                 max_new_tokens: int, done: list[Sequence], plans: dict[int, Future],
+                 worker: ThreadPoolExecutor) -> None:
+        """Sample unit u's next tokens (admitting waiting prompts into free places first), then hand the
+        unit to the worker to be predicted and regrouped; a unit with nothing left to run retires."""
+        while True:
+            batches = batches + self._admit(waiting, sum(len(b.members) for b in batches))
+            batches = self._sample(batches, sampler, max_new_tokens, done)
+            if batches or not waiting:
+                break
+        if batches:
+            plans[u] = worker.submit(self._timed_regroup, batches)
+
+    def _wait(self, plan: Future) -> list[Batch]:
+        t0 = time.perf_counter()
+        batches = plan.result()  # re-raises a failure of the worker here, in the caller
+        self._schedule_wait += time.perf_counter() - t0
+        return batches
+
+    def _timed_regroup(self, batches: list[Batch]) -> list[Batch]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            regrouped = self._regroup(batches)
+        self._schedule_seconds += time.perf_counter() - t0
+        return regrouped
 
     def _admit(self, waiting: deque[Sequence], live: int) -> list[Batch]:
-        """Prefill waiting prompts into free places of the unit, B at a time."""
+        """Prefill waiting prompts into free places of a unit, B at a time."""
         joining = [waiting.popleft() for _ in range(min(self.batch_size * self.unit - live, len(waiting)))]
         return [self._prefill(joining[i:i + self.batch_size]) for i in range(0, len(joining), self.batch_size)]
 

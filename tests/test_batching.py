@@ -37,10 +37,11 @@ def _alone(model, prompts):
 
 @pytest.mark.parametrize("scheduler", ["fifo", "similarity", "swap"])
 @pytest.mark.parametrize("batch_size,unit", [(2, 2), (3, 2), (2, 3)])
-def test_regrouped_sequences_decode_as_alone(tiny_mixtral_dir, scheduler, batch_size, unit):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_regrouped_sequences_decode_as_alone(tiny_mixtral_dir, scheduler, batch_size, unit, pipeline):
     m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8)
     out = m.generate_many(input_ids=PROMPTS, batch_size=batch_size, schedule_unit=unit, scheduler=scheduler,
-                          max_new_tokens=NEW_TOKENS)
+                          max_new_tokens=NEW_TOKENS, pipeline=pipeline)
     assert out.sequences == _alone(expertflow.from_pretrained(tiny_mixtral_dir), PROMPTS)
     assert out.stats.new_tokens == sum(map(len, out.sequences))
 
@@ -53,6 +54,17 @@ def test_every_live_policy_with_a_predicted_schedule(tiny_mixtral_dir, policy):
     assert out.sequences == _alone(expertflow.from_pretrained(tiny_mixtral_dir), PROMPTS)
 
 
+def test_a_failing_predictor_surfaces_in_the_caller(tiny_mixtral_dir):
+    class Broken(RandomPredictor):
+        def predict_next(self, token_ids):
+            raise RuntimeError("predictor exploded")
+
+    m = expertflow.from_pretrained(tiny_mixtral_dir, predictor=Broken(3, 8))
+    with pytest.raises(RuntimeError, match="predictor exploded"):
+        m.generate_many(input_ids=PROMPTS, batch_size=2, scheduler="similarity", max_new_tokens=4)
+    assert not m.engine.recorder.enabled
+
+
 def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
     """fifo with one batch: per decode step, the union of the live sequences' recorded routing."""
     m = expertflow.from_pretrained(tiny_mixtral_dir)
@@ -62,7 +74,7 @@ def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
     for step in range(max(map(len, ref.sequences)) - 1):  # a sequence's last token is never fed
         rows = [r[len(p) + step] for r, p, g in zip(ref.routing, prompts, ref.sequences) if step < len(g) - 1]
         expected.append(len({(layer, int(e)) for r in rows for layer, es in enumerate(r) for e in es}))
-    out = m.generate_many(input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS)
+    out = m.generate_many(input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS, pipeline=False)
     assert out.sequences == ref.sequences
     assert out.decode_forwards == len(expected)
     assert out.activated_experts_per_batch == pytest.approx(np.mean(expected))

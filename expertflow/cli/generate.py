@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="token scheduler regrouping sequences between batches (default fifo)")
     parser.add_argument("--schedule-unit", type=int, default=2, metavar="U",
                         help="batches regrouped together (default 2, as in the paper)")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="one unit at a time: predict and schedule in line instead of on a worker")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=None)
@@ -61,14 +63,14 @@ def run_many(args: argparse.Namespace) -> int:
     model = ExpertflowModel(config)
     out = model.generate_many(prompts, batch_size=args.batch_size, scheduler=args.scheduler,
                               schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, seed=args.seed)
+                              temperature=args.temperature, seed=args.seed, pipeline=not args.no_pipeline)
     texts = [model.decode(ids) for ids in out.sequences]
     for i, text in enumerate(texts):
         print(f"[{i}] {text!r}")
     rows = [("prompts", f"{len(prompts)} in units of {args.schedule_unit} x {args.batch_size}, {args.scheduler}"),
             ("activated experts / batch", f"{out.activated_experts_per_batch:.2f}"),
             ("decode batch forwards", f"{out.decode_forwards}"),
-            ("scheduling time", f"{out.schedule_seconds:.3f} s"),
+            ("predict + schedule time", f"{out.schedule_seconds:.3f} s ({out.schedule_wait_seconds:.3f} s not hidden)"),
             *figure_rows(out.stats)]
     print_table(f"{model.name}, {config.policy}, {config.store}", ("figure", "value"), rows)
     if args.json:
@@ -76,6 +78,7 @@ def run_many(args: argparse.Namespace) -> int:
                          "batch_size": args.batch_size, "schedule_unit": args.schedule_unit,
                          "activated_experts_per_batch": out.activated_experts_per_batch,
                          "decode_forwards": out.decode_forwards, "schedule_seconds": out.schedule_seconds,
+                         "schedule_wait_seconds": out.schedule_wait_seconds, "pipeline": not args.no_pipeline,
                          "policy": config.policy, "store": config.store, **out.stats.as_dict()})
     return 0
 
