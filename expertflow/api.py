@@ -120,6 +120,9 @@ class ExpertflowModel:
         are in flight and one is predicted and scheduled on a worker while the other runs."""
         if (prompts is None) == (input_ids is None):
             raise ExpertflowError("give either prompts (text) or input_ids, not both or neither")
+        if self._parts.adapter.kind != "decoder":
+            raise ExpertflowError(f"batched scheduling runs decoder-only models; {self.name} is "
+                                  f"{self._parts.adapter.kind}: run its prompts with generate one at a time")
         if input_ids is None:
             input_ids = [self.encode(p) for p in prompts]
         if batch_size < 1 or schedule_unit < 1:

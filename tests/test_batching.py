@@ -113,3 +113,13 @@ def test_prompts_file_errors(capsys, tmp_path):
     assert main(["generate", "--prompts-file", str(tmp_path / "none.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "none.txt" in err
+
+
+def test_encoder_decoder_models_are_refused_for_batched_scheduling(capsys, tmp_path):
+    from tests.test_switch import switch_config  # the tiny Switch the Switch tests build
+    from transformers import AutoModelForSeq2SeqLM
+
+    AutoModelForSeq2SeqLM.from_config(switch_config()).save_pretrained(tmp_path / "switch")
+    m = expertflow.from_pretrained(tmp_path / "switch")
+    with pytest.raises(expertflow.ExpertflowError, match="decoder-only models"):
+        m.generate_many(input_ids=[[5, 6, 7]], batch_size=2)
