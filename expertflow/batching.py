@@ -1,4 +1,4 @@
-"""Many prompts through the engine in scheduling units: U batches of B sequences, regrouped every step.
+"""Many sequences through the engine in scheduling units: U batches of B sequences, regrouped every step.
 
 Each decoding step of a unit reads like the paper's pipeline (Fig. 1):
   predict  - the RPP forecasts each live sequence's next routing; without an RPP, the routing its
@@ -6,10 +6,12 @@ Each decoding step of a unit reads like the paper's pipeline (Fig. 1):
   schedule - the token scheduler regroups the unit's live sequences into balanced batches
   regroup  - KV caches follow their sequences (Merge the unit's batches, Reindex to the new rows)
   run      - each batch forwards its tokens; the cache plans and prefetches from that batch's forecast
-  sample   - next tokens; finished sequences leave and waiting prompts join (continuous batching)
+  sample   - next tokens; finished sequences leave and waiting ones join (continuous batching)
 
 Dual-batch pipeline (paper section 3.3.4): two units are in flight; while one unit's batches run on the
 model, a worker thread predicts and schedules the other, so that cost is hidden behind compute.
+`BatchRunner` holds the operations; a `DecodeSession` holds one run's state, so `generate_many` and a
+server (which adds requests while others decode) drive the same loop.
 
 Shape legend: N live sequences, L MoE layers, E experts, K top_k, V vocabulary.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,12 +34,21 @@ from expertflow.policies.forecast import batch_forecast
 from expertflow.scheduler import Grouping, Scheduler, routing_paths
 from expertflow.stats import RunStats
 
+TokenCallback = Callable[["Sequence", int], None]
+
 
 @dataclass
 class Sequence:
-    index: int                       # position in the caller's prompt list
+    """One request: its prompt, limits and sampler (so its tokens do not depend on its batch-mates)."""
+
+    index: int                       # the caller's id for it (position in a prompt list, request number)
     prompt: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    on_token: TokenCallback | None = None   # called on the loop's thread with each new token
     generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None        # "stop" (eos), "length", or "cancelled"
+    cancelled: bool = False                 # set from any thread: the sequence leaves at its next step
     last_routing: np.ndarray | None = None  # (L, K) experts the last token fed to the model used
     forecast: np.ndarray | None = None      # (L, E) predicted probabilities for the next token fed
 
@@ -70,69 +82,31 @@ class BatchRunner:
         self.unit = unit
         self.parts = engine.parts
 
-    @torch.inference_mode()
+    def session(self) -> DecodeSession:
+        return DecodeSession(self)
+
     def run(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
             seed: int | None = None) -> ManyOutput:
         check_request(prompts, max_new_tokens, self.engine.max_positions)
-        sampler = Sampler(temperature, seed)
-        waiting = deque(Sequence(i, list(p)) for i, p in enumerate(prompts))
-        done: list[Sequence] = []
-        distinct: list[int] = []
-        self._schedule_seconds = self._schedule_wait = 0.0
-        self.engine.recorder.enabled = True
         before = self.parts.cache.figures()
         start = time.perf_counter()
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-schedule") as worker:
-                # Dual-batch pipeline: while one unit's batches run on the model, the worker predicts and
-                # schedules the other unit, whose next tokens are already sampled.
-                plans: dict[int, Future] = {}
-                for u in range(self.depth):
-                    self._advance(u, [], waiting, sampler, max_new_tokens, done, plans, worker)
-                while plans:
-                    for u in sorted(plans):
-                        batches = self._wait(plans.pop(u))
-                        distinct += [self._run(batch) for batch in batches]
-                        self._advance(u, batches, waiting, sampler, max_new_tokens, done, plans, worker)
-        finally:
-            self.engine.recorder.enabled = False
+        with self.session() as session:
+            for i, p in enumerate(prompts):
+                session.add(Sequence(i, list(p), max_new_tokens, Sampler(temperature, seed)))
+            while session.busy:
+                session.round()
         seconds = time.perf_counter() - start
-        done.sort(key=lambda s: s.index)
+        done = sorted(session.finished, key=lambda s: s.index)
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(len(s.generated) for s in done),
                                  prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0)
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
-                          activated_experts_per_batch=float(np.mean(distinct)) if distinct else 0.0,
-                          decode_forwards=len(distinct), schedule_seconds=self._schedule_seconds,
-                          schedule_wait_seconds=self._schedule_wait)
+                          activated_experts_per_batch=float(np.mean(session.distinct)) if session.distinct else 0.0,
+                          decode_forwards=len(session.distinct), schedule_seconds=session.schedule_seconds,
+                          schedule_wait_seconds=session.schedule_wait)
 
-    def _advance(self, u: int, batches: list[Batch], waiting: deque[Sequence], sampler: Sampler,
-                 max_new_tokens: int, done: list[Sequence], plans: dict[int, Future],
-                 worker: ThreadPoolExecutor) -> None:
-        """Sample unit u's next tokens (admitting waiting prompts into free places first), then hand the
-        unit to the worker to be predicted and regrouped; a unit with nothing left to run retires."""
-        while True:
-            batches = batches + self._admit(waiting, sum(len(b.members) for b in batches))
-            batches = self._sample(batches, sampler, max_new_tokens, done)
-            if batches or not waiting:
-                break
-        if batches:
-            plans[u] = worker.submit(self._timed_regroup, batches)
-
-    def _wait(self, plan: Future) -> list[Batch]:
-        t0 = time.perf_counter()
-        batches = plan.result()  # re-raises a failure of the worker here, in the caller
-        self._schedule_wait += time.perf_counter() - t0
-        return batches
-
-    def _timed_regroup(self, batches: list[Batch]) -> list[Batch]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            regrouped = self._regroup(batches)
-        self._schedule_seconds += time.perf_counter() - t0
-        return regrouped
-
-    def _admit(self, waiting: deque[Sequence], live: int) -> list[Batch]:
-        """Prefill waiting prompts into free places of a unit, B at a time."""
+    # ---- the step's operations ----------------------------------------------------------------
+    def admit(self, waiting: deque[Sequence], live: int) -> list[Batch]:
+        """Prefill waiting sequences into free places of a unit, B at a time."""
         joining = [waiting.popleft() for _ in range(min(self.batch_size * self.unit - live, len(waiting)))]
         return [self._prefill(joining[i:i + self.batch_size]) for i in range(0, len(joining), self.batch_size)]
 
@@ -144,27 +118,30 @@ class BatchRunner:
             seq.last_routing = routing[row, -1]
         return Batch(members, KVBatch(cache, mask), logits)
 
-    def _sample(self, batches: list[Batch], sampler: Sampler, max_new_tokens: int,
-                done: list[Sequence]) -> list[Batch]:
+    def sample(self, batches: list[Batch], finished: list[Sequence]) -> list[Batch]:
         """Append each row's next token; finished sequences leave their batch (their KV rows are dropped)."""
         eos = set(self.parts.eos_token_ids)
         kept = []
         for batch in batches:
-            tokens = sampler(batch.logits).tolist()
             rows = []
-            for row, (seq, token) in enumerate(zip(batch.members, tokens)):
-                seq.generated.append(int(token))
-                if token in eos or len(seq.generated) >= max_new_tokens:
-                    done.append(seq)
-                else:
+            for row, seq in enumerate(batch.members):
+                if not seq.cancelled:
+                    token = int(seq.sampler(batch.logits[row : row + 1])[0])
+                    seq.generated.append(token)
+                    if seq.on_token is not None:
+                        seq.on_token(seq, token)
+                seq.finish_reason = _finish_reason(seq, eos)
+                if seq.finish_reason is None:
                     rows.append(row)
+                else:
+                    finished.append(seq)
             if len(rows) == len(batch.members):
                 kept.append(batch)
             elif rows:
                 kept.append(Batch([batch.members[r] for r in rows], select(batch.kv, rows)))
         return kept
 
-    def _regroup(self, batches: list[Batch]) -> list[Batch]:
+    def regroup(self, batches: list[Batch]) -> list[Batch]:
         """Predict each live sequence's routing, schedule, and move the KV rows to the new batches."""
         members = [seq for b in batches for seq in b.members]
         self._predict(members)
@@ -203,7 +180,7 @@ class BatchRunner:
             ids = np.stack([s.last_routing for s in members]).astype(np.int64)
         return routing_paths(ids, self.parts.adapter.num_experts)
 
-    def _run(self, batch: Batch) -> int:
+    def run_batch(self, batch: Batch) -> int:
         """Forward each member's last token; returns the distinct (layer, expert) pairs the batch used."""
         rows = len(batch.members)
         mask = torch.cat([batch.kv.mask, torch.ones(rows, 1, dtype=batch.kv.mask.dtype,
@@ -221,3 +198,88 @@ class BatchRunner:
 
     def _take_routing(self, rows: int, width: int) -> np.ndarray:
         return self.engine.recorder.take().reshape(rows, width, len(self.parts.layers), self.parts.adapter.top_k)
+
+
+def _finish_reason(seq: Sequence, eos: set[int]) -> str | None:
+    if seq.cancelled:
+        return "cancelled"
+    if seq.generated and seq.generated[-1] in eos:
+        return "stop"
+    if len(seq.generated) >= seq.max_new_tokens:
+        return "length"
+    return None
+
+
+class DecodeSession:
+    """One run of the step loop over a changing set of sequences: `add` any time (from the loop's thread),
+    `round()` runs one decode step of every unit in flight. Use as a context manager."""
+
+    def __init__(self, runner: BatchRunner) -> None:
+        self.runner = runner
+        self.waiting: deque[Sequence] = deque()
+        self.finished: list[Sequence] = []
+        self.distinct: list[int] = []          # distinct (layer, expert) pairs of each decode batch forward
+        self.schedule_seconds = 0.0
+        self.schedule_wait = 0.0
+        self._plans: dict[int, Future] = {}    # unit -> its regrouped batches, being planned on the worker
+        self._live: dict[int, list[Sequence]] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-schedule")
+
+    def __enter__(self) -> DecodeSession:
+        self.runner.engine.recorder.enabled = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.engine.recorder.enabled = False
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self._plans)
+
+    @torch.inference_mode()
+    def round(self) -> None:
+        """Each unit in turn: wait for its plan, run its batches, sample, and hand it back to the worker,
+        which then plans it while the next unit runs."""
+        for u in range(self.runner.depth):
+            batches = self._wait(self._plans.pop(u)) if u in self._plans else []
+            self.distinct += [self.runner.run_batch(batch) for batch in batches]
+            self._advance(u, batches)
+
+    def abort(self) -> list[Sequence]:
+        """Drop every sequence in flight or waiting (after a failure) and return them; the session stays usable."""
+        for plan in self._plans.values():
+            plan.cancel()
+        dropped = list(self.waiting) + [s for seqs in self._live.values() for s in seqs]
+        self.waiting.clear()
+        self._plans.clear()
+        self._live.clear()
+        return dropped
+
+    def _advance(self, u: int, batches: list[Batch]) -> None:
+        """Sample unit u's next tokens (admitting waiting sequences into free places first), then hand the
+        unit to the worker to be predicted and regrouped; a unit with nothing left to run goes idle."""
+        while True:
+            batches = batches + self.runner.admit(self.waiting, sum(len(b.members) for b in batches))
+            batches = self.runner.sample(batches, self.finished)
+            if batches or not self.waiting:
+                break
+        self._live[u] = [s for b in batches for s in b.members]
+        if batches:
+            self._plans[u] = self._worker.submit(self._timed_regroup, batches)
+
+    def _wait(self, plan: Future) -> list[Batch]:
+        t0 = time.perf_counter()
+        batches = plan.result()  # re-raises a failure of the worker here, in the caller
+        self.schedule_wait += time.perf_counter() - t0
+        return batches
+
+    def _timed_regroup(self, batches: list[Batch]) -> list[Batch]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            regrouped = self.runner.regroup(batches)
+        self.schedule_seconds += time.perf_counter() - t0
+        return regrouped

@@ -123,3 +123,53 @@ def test_encoder_decoder_models_are_refused_for_batched_scheduling(capsys, tmp_p
     m = expertflow.from_pretrained(tmp_path / "switch")
     with pytest.raises(expertflow.ExpertflowError, match="decoder-only models"):
         m.generate_many(input_ids=[[5, 6, 7]], batch_size=2)
+
+
+def test_session_streams_tokens_honours_per_request_limits_and_cancellation(tiny_mixtral_dir):
+    from expertflow.batching import BatchRunner, Sequence
+    from expertflow.engine import Sampler
+    from expertflow.scheduler import scheduler_class
+
+    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8)
+    runner = BatchRunner(m.engine, scheduler_class("similarity")(), batch_size=2, unit=2)
+    streamed: dict[int, list[int]] = {}
+
+    def on_token(seq, token):
+        streamed.setdefault(seq.index, []).append(token)
+        if seq.index == 1 and len(seq.generated) == 3:
+            seq.cancelled = True  # as a client disconnecting would
+
+    limits = [10, 10, 4, 7, 10]
+    with runner.session() as session:
+        for i, (p, limit) in enumerate(zip(PROMPTS, limits)):
+            session.add(Sequence(i, p, limit, Sampler(0.0, None), on_token=on_token))
+        while session.busy:
+            session.round()
+    done = {s.index: s for s in session.finished}
+    assert sorted(done) == list(range(5))
+    assert done[1].finish_reason == "cancelled" and done[1].generated == streamed[1] and len(streamed[1]) == 3
+    reference = expertflow.from_pretrained(tiny_mixtral_dir)
+    for i in (0, 2, 3, 4):
+        alone = reference.generate(input_ids=[PROMPTS[i]], max_new_tokens=limits[i]).sequences[0]
+        assert done[i].generated == streamed[i] == alone
+        assert done[i].finish_reason == ("stop" if alone[-1] == 2 else "length")
+
+
+def test_session_abort_returns_everything_in_flight(tiny_mixtral_dir):
+    from expertflow.batching import BatchRunner, Sequence
+    from expertflow.engine import Sampler
+    from expertflow.scheduler import scheduler_class
+
+    m = expertflow.from_pretrained(tiny_mixtral_dir)
+    runner = BatchRunner(m.engine, scheduler_class("fifo")(), batch_size=2, unit=1)
+    with runner.session() as session:
+        for i, p in enumerate(PROMPTS):
+            session.add(Sequence(i, p, 50, Sampler(0.0, None)))
+        session.round()
+        dropped = session.abort()
+        assert not session.busy
+        assert sorted(s.index for s in dropped) + sorted(s.index for s in session.finished) == list(range(7))
+        session.add(Sequence(9, PROMPTS[0], 3, Sampler(0.0, None)))
+        while session.busy:
+            session.round()
+    assert session.finished[-1].index == 9 and len(session.finished[-1].generated) <= 3
