@@ -52,6 +52,17 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
+def sample_step(sampler: Sampler, logits: torch.Tensor, finished: torch.Tensor, generated: list[list[int]],
+                eos: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Sample the batch's next tokens (B,), append them to the unfinished sequences, and mark those that
+    reached eos in `finished` (in place); finished rows get padding."""
+    token = torch.where(finished, pad_token_id, sampler(logits))
+    for b in torch.nonzero(~finished).flatten().tolist():
+        generated[b].append(int(token[b]))
+    finished |= torch.isin(token, eos)
+    return token
+
+
 def check_request(input_ids: list[list[int]], max_new_tokens: int, max_positions: int | None) -> None:
     """One-line errors for requests no engine can run: an empty prompt, no new tokens, past the context."""
     if not input_ids or any(len(p) == 0 for p in input_ids):
@@ -103,10 +114,7 @@ class Engine:
             self._keep_prompt_routing(routing, mask)
         prefill_seconds = time.perf_counter() - start
         for step in range(max_new_tokens):
-            token = torch.where(finished, self.parts.pad_token_id, sampler(logits))
-            for b in torch.nonzero(~finished).flatten().tolist():
-                generated[b].append(int(token[b]))
-            finished |= torch.isin(token, eos)
+            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from expertflow.engine import GenerationOutput, Predictor, Sampler, check_request
+from expertflow.engine import GenerationOutput, Predictor, Sampler, check_request, sample_step
 from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
 from expertflow.routing import RoutingRecorder
@@ -71,10 +71,7 @@ class Seq2SeqEngine:
         if record_routing:
             self._take(self.decoder_layers, batch)  # the start token is no token of the sequence: no row
         for step in range(max_new_tokens):
-            token = torch.where(finished, self.parts.pad_token_id, sampler(logits))
-            for b in torch.nonzero(~finished).flatten().tolist():
-                generated[b].append(int(token[b]))
-            finished |= torch.isin(token, eos)
+            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             logits, kv = self._decode(token, encoded, mask, kv)
