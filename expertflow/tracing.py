@@ -71,23 +71,37 @@ def collect_traces(model: RoutingRecorder, prompt_ids: Sequence[list[int]], conf
     each batch of n sequences. `first_index` is the dataset index of the first prompt, recorded in
     each sequence's `prompt_index`."""
     sequences: list[TraceSequence] = []
-    for run in range(config.runs):
-        for start in range(0, len(prompt_ids), config.batch_size):
-            batch = prompt_ids[start : start + config.batch_size]
-            # A distinct seed per (run, batch) so sampled runs differ but the whole set is reproducible.
-            seed = config.seed + 1_000_003 * run + start
-            out = model.generate(input_ids=batch, max_new_tokens=config.max_new_tokens,
-                                 temperature=config.temperature, seed=seed, record_routing=True)
-            for offset, (ids, generated, routing) in enumerate(zip(batch, out.sequences, out.routing)):
-                sequences.append(TraceSequence(np.array(ids), np.array(generated), np.asarray(routing),
-                                               prompt_index=first_index + start + offset, run=run))
-            if on_batch is not None:
-                on_batch(len(batch))
-    header = TraceHeader(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
-                         top_k=model.top_k, dataset=config.dataset, runs=config.runs,
-                         temperature=config.temperature, seed=config.seed,
-                         max_new_tokens=config.max_new_tokens, vocab_size=_vocab_size(model))
-    return TraceSet(header, sequences)
+    for run, start in trace_batches(len(prompt_ids), config):
+        batch = prompt_ids[start : start + config.batch_size]
+        sequences += trace_batch(model, batch, run, start, config, first_index)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return TraceSet(trace_header(model, config), sequences)
+
+
+def trace_batches(num_prompts: int, config: TracingConfig) -> list[tuple[int, int]]:
+    """(run, start) of every batch, in file order: the unit of work, so any split of it (e.g. across Ray
+    workers) generates each batch exactly as a single process would."""
+    return [(run, start) for run in range(config.runs) for start in range(0, num_prompts, config.batch_size)]
+
+
+def trace_batch(model: RoutingRecorder, batch: Sequence[list[int]], run: int, start: int,
+                config: TracingConfig, first_index: int = 0) -> list[TraceSequence]:
+    """One batch of prompts `start..start+len(batch)-1` of run `run`."""
+    # A distinct seed per (run, batch) so sampled runs differ but the whole set is reproducible.
+    seed = config.seed + 1_000_003 * run + start
+    out = model.generate(input_ids=list(batch), max_new_tokens=config.max_new_tokens,
+                         temperature=config.temperature, seed=seed, record_routing=True)
+    return [TraceSequence(np.array(ids), np.array(generated), np.asarray(routing),
+                          prompt_index=first_index + start + offset, run=run)
+            for offset, (ids, generated, routing) in enumerate(zip(batch, out.sequences, out.routing))]
+
+
+def trace_header(model: RoutingRecorder, config: TracingConfig) -> TraceHeader:
+    return TraceHeader(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
+                       top_k=model.top_k, dataset=config.dataset, runs=config.runs,
+                       temperature=config.temperature, seed=config.seed,
+                       max_new_tokens=config.max_new_tokens, vocab_size=_vocab_size(model))
 
 
 def _vocab_size(model: RoutingRecorder) -> int:

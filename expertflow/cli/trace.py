@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from expertflow.datasets import NAMED_DATASETS, load_prompts
 from expertflow.errors import ExpertflowError
-from expertflow.traces import read_traces, summarize
+from expertflow.traces import TraceSet, read_traces, summarize
 from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
 
 
@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="prompts generated together")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts keep head and tail")
     p.add_argument("--out", required=True, type=Path, help="trace file to write (.safetensors)")
+    p.add_argument("--ray", action="store_true", help="split the batches across Ray workers (extra: expertflow-moe[ray])")
+    p.add_argument("--address", default=None, help="with --ray: cluster to join (default: start a local one)")
+    p.add_argument("--workers", type=int, default=None, help="with --ray: worker actors, one model each")
     p.set_defaults(func=run_trace)
 
     info = subparsers.add_parser("trace-info", help="summarise a trace file: sizes, expert skew, entropy")
@@ -53,15 +56,35 @@ def run_trace(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.dataset, limit=args.samples, skip=args.skip)
     if not prompts:
         raise ExpertflowError(f"dataset {args.dataset!r} has no prompts after skipping {args.skip}")
-    model = expertflow.from_pretrained(args.model)
-    if model.tokenizer is None:
-        raise ExpertflowError(f"{args.model} has no tokenizer files; tracing a prompt set needs one")
-    prompt_ids = encode_prompts(model.tokenizer, prompts, config.max_prompt_tokens)
-    with tqdm(total=len(prompts) * config.runs, unit="seq", desc="tracing") as bar:
-        traces = collect_traces(model, prompt_ids, config, on_batch=bar.update, first_index=args.skip)
+    if args.ray:
+        traces = _trace_on_ray(args, prompts, config)
+    elif args.address is not None or args.workers is not None:
+        raise ExpertflowError("--address and --workers need --ray")
+    else:
+        model = expertflow.from_pretrained(args.model)
+        if model.tokenizer is None:
+            raise ExpertflowError(f"{args.model} has no tokenizer files; tracing a prompt set needs one")
+        prompt_ids = encode_prompts(model.tokenizer, prompts, config.max_prompt_tokens)
+        with tqdm(total=len(prompts) * config.runs, unit="seq", desc="tracing") as bar:
+            traces = collect_traces(model, prompt_ids, config, on_batch=bar.update, first_index=args.skip)
     traces.write(args.out)
     Console().print(f"wrote {args.out}: {len(traces.sequences)} sequences, {traces.num_tokens} tokens")
     return 0
+
+
+def _trace_on_ray(args: argparse.Namespace, prompts: list[str], config: TracingConfig) -> TraceSet:
+    try:
+        from expertflow.distributed.tracing import RayTraceConfig, collect_traces_ray
+    except ImportError as exc:
+        raise ExpertflowError(f"--ray needs Ray: pip install 'expertflow-moe[ray]' ({exc})") from None
+    given = {name: getattr(args, name) for name in ("workers", "address") if getattr(args, name) is not None}
+    try:
+        ray_config = RayTraceConfig(**given)
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+    with tqdm(total=len(prompts) * config.runs, unit="seq", desc="tracing (ray)") as bar:
+        return collect_traces_ray(args.model, prompts, config, ray_config, on_batch=bar.update,
+                                  first_index=args.skip)
 
 
 def run_trace_info(args: argparse.Namespace) -> int:
