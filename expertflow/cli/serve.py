@@ -1,0 +1,57 @@
+"""`expertflow serve`: the OpenAI-compatible HTTP server (needs the `serve` extra: fastapi, uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+
+from expertflow.cli.options import add_engine_options, engine_config
+from expertflow.errors import ExpertflowError
+
+SERVE_SCHEDULERS = ("fifo", "similarity", "swap")  # kept equal to expertflow.server.SERVE_SCHEDULERS by a test
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_engine_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--scheduler", choices=SERVE_SCHEDULERS, default="fifo",
+                        help="token scheduler regrouping the running requests each step (default fifo)")
+    parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
+                        help="sequences per batch; two units of two batches run at once, so up to 4B requests "
+                             "decode together (default 8)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads for the engine (default: torch's own choice)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from expertflow.server import ServeConfig, build_service
+        from expertflow.server.app import create_app
+    except ImportError as exc:
+        raise ExpertflowError(f"serve needs the serve extra ({exc.name} is missing): "
+                              "pip install 'expertflow-moe[serve]'") from exc
+    import torch
+
+    from expertflow.api import ExpertflowModel
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ExpertflowError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        config = ServeConfig(host=args.host, port=args.port, scheduler=args.scheduler,
+                             max_batch_size=args.max_batch_size)
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from exc
+    model = ExpertflowModel(engine_config(args))
+    try:
+        uvicorn.run(create_app(build_service(model, config)), host=config.host, port=config.port,
+                    log_level=args.log_level)
+    finally:
+        model.close()
+    return 0

@@ -1,0 +1,46 @@
+"""`expertflow serve`: an OpenAI-compatible HTTP server over the batched, scheduled engine.
+
+Parts: `loop.EngineLoop` (the engine thread that owns a DecodeSession), `service.Service` (requests to
+sequences and events to responses), `app.create_app` (the routes). `build_service` wires them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from expertflow.api import ExpertflowModel
+from expertflow.batching import BatchRunner
+from expertflow.scheduler import scheduler_class
+from expertflow.server.loop import EngineLoop
+from expertflow.server.metrics import ServerMetrics
+from expertflow.server.service import Service
+
+
+# Live token schedulers a server can run every step (exact branch and bound is for offline evaluation).
+SERVE_SCHEDULERS = ("fifo", "similarity", "swap")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server batches: scheduling units of two batches of `max_batch_size` sequences, two units in
+    flight, so up to 4 x max_batch_size requests decode at once; the rest wait and join as slots free."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    scheduler: str = "fifo"
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SERVE_SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SERVE_SCHEDULERS)}, got {self.scheduler!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max batch size must be at least 1, got {self.max_batch_size}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+def build_service(model: ExpertflowModel, config: ServeConfig, runner: BatchRunner | None = None) -> Service:
+    """A service over `model` batching as `config` says; `runner` replaces the default BatchRunner (tests
+    pass one whose batches fail)."""
+    if runner is None:
+        runner = BatchRunner(model.engine, scheduler_class(config.scheduler)(), config.max_batch_size, unit=2)
+    return Service(model, EngineLoop(runner), ServerMetrics())
