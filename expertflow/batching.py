@@ -51,6 +51,7 @@ class Sequence:
     cancelled: bool = False                 # set from any thread: the sequence leaves at its next step
     last_routing: np.ndarray | None = None  # (L, K) experts the last token fed to the model used
     forecast: np.ndarray | None = None      # (L, E) predicted probabilities for the next token fed
+    rpp_state: object | None = None         # the RPP's incremental state for this sequence
 
 
 @dataclass
@@ -116,6 +117,10 @@ class BatchRunner:
         routing = self._take_routing(len(members), ids.shape[1])
         for row, seq in enumerate(members):
             seq.last_routing = routing[row, -1]
+        if self._predicts:
+            states, _ = self.engine.predictor.start_rows([s.prompt for s in members])
+            for seq, state in zip(members, states):
+                seq.rpp_state = state
         return Batch(members, KVBatch(cache, mask), logits)
 
     def sample(self, batches: list[Batch], finished: list[Sequence]) -> list[Batch]:
@@ -151,13 +156,21 @@ class BatchRunner:
         kv = merge([b.kv for b in batches]) if len(batches) > 1 else batches[0].kv
         return [Batch([members[i] for i in rows], select(kv, rows)) for rows in grouping]
 
+    @property
+    def _predicts(self) -> bool:
+        """Whether forecasts are needed: by a scheduler that regroups, or by a policy that plans from them."""
+        wanted = self.scheduler.name != "fifo" or self.parts.policy.uses_forecast
+        return self.engine.predictor is not None and wanted
+
     def _predict(self, members: list[Sequence]) -> None:
-        """Set each sequence's (L, E) forecast of the token about to be fed (left None without an RPP)."""
-        if self.engine.predictor is None:
+        """Set each sequence's (L, E) forecast of the token about to be fed: one incremental RPP step over
+        every live sequence, each carrying its own state (so regrouping costs nothing here)."""
+        if not self._predicts:
             return
-        probs = self.engine.predictor.predict_next([s.prompt + s.generated for s in members])
-        for seq, p in zip(members, probs.float().cpu().numpy()):
-            seq.forecast = p
+        states, probs = self.engine.predictor.step_rows([s.rpp_state for s in members],
+                                                        [s.generated[-1] for s in members])
+        for seq, state, p in zip(members, states, probs.float().cpu().numpy()):
+            seq.rpp_state, seq.forecast = state, p
 
     def _group(self, members: list[Sequence]) -> list[list[int]] | None:
         """Rows of each new batch, or None to keep the batches as they are (fifo, or one batch)."""

@@ -84,6 +84,11 @@ class Predictor(Protocol):
 
     def predict_next(self, token_ids: list[list[int]]) -> torch.Tensor: ...  # (B, L, E) for each last token
 
+    # Incremental use with one state per sequence, for loops that regroup sequences between steps:
+    def start_rows(self, token_ids: list[list[int]]) -> tuple[list, torch.Tensor]: ...  # states, (B, L, E)
+
+    def step_rows(self, states: list, tokens: list[int]) -> tuple[list, torch.Tensor]: ...  # states, (B, L, E)
+
 
 class Engine:
     def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder, predictor: Predictor | None = None) -> None:

@@ -30,6 +30,12 @@ class RandomPredictor:
     def predict_next(self, token_ids):
         return torch.rand(len(token_ids), *self.shape, generator=self.generator)
 
+    def start_rows(self, token_ids):
+        return [None] * len(token_ids), self.predict_next(token_ids)
+
+    def step_rows(self, states, tokens):
+        return states, torch.rand(len(tokens), *self.shape, generator=self.generator)
+
 
 def _alone(model, prompts):
     return [model.generate(input_ids=[p], max_new_tokens=NEW_TOKENS).sequences[0] for p in prompts]
@@ -56,7 +62,7 @@ def test_every_live_policy_with_a_predicted_schedule(tiny_mixtral_dir, policy):
 
 def test_a_failing_predictor_surfaces_in_the_caller(tiny_mixtral_dir):
     class Broken(RandomPredictor):
-        def predict_next(self, token_ids):
+        def step_rows(self, states, tokens):
             raise RuntimeError("predictor exploded")
 
     m = expertflow.from_pretrained(tiny_mixtral_dir, predictor=Broken(3, 8))
@@ -173,3 +179,25 @@ def test_session_abort_returns_everything_in_flight(tiny_mixtral_dir):
         while session.busy:
             session.round()
     assert session.finished[-1].index == 9 and len(session.finished[-1].generated) <= 3
+
+
+def test_per_sequence_rpp_states_regroup_without_changing_forecasts():
+    """start_rows/step_rows with states regrouped in another order give predict_next's probabilities."""
+    from expertflow.predictor.model import PredictorConfig, RoutingPathModel
+    from expertflow.predictor.runtime import RoutingPredictor
+
+    torch.manual_seed(0)
+    rpp = RoutingPredictor(RoutingPathModel(PredictorConfig(vocab_size=96, num_layers=3, num_experts=8, top_k=2,
+                                                            d_model=16, d_ff=32, num_heads=2, window=8,
+                                                            dropout=0.0)))
+    seqs = [list(p) for p in PROMPTS[:4]]
+    states, _ = rpp.start_rows(seqs)
+    for step in range(3):
+        order = [3, 1, 0, 2] if step % 2 == 0 else [2, 0, 3, 1]
+        tokens = [(7 * i + step) % 96 for i in range(4)]
+        for i in range(4):
+            seqs[i].append(tokens[i])
+        new, probs = rpp.step_rows([states[i] for i in order], [tokens[i] for i in order])
+        for row, i in enumerate(order):
+            states[i] = new[row]
+        torch.testing.assert_close(probs, rpp.predict_next([seqs[i] for i in order]), atol=1e-5, rtol=0)

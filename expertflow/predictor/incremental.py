@@ -34,6 +34,15 @@ class StepState:
         pick = lambda kvs: [(k[rows], v[rows]) for k, v in kvs]  # noqa: E731
         return StepState(pick(self.encoder), pick(self.decoder_self), pick(self.decoder_cross), self.valid[rows])
 
+    @staticmethod
+    def concat(states: list["StepState"]) -> "StepState":
+        """One batch holding the rows of `states` in order (every state has the same window)."""
+        join = lambda attr: [(torch.cat([getattr(s, attr)[i][0] for s in states]),  # noqa: E731
+                              torch.cat([getattr(s, attr)[i][1] for s in states]))
+                             for i in range(len(getattr(states[0], attr)))]
+        return StepState(join("encoder"), join("decoder_self"), join("decoder_cross"),
+                         torch.cat([s.valid for s in states]))
+
 
 def empty_state(model: RoutingPathModel, batch: int) -> StepState:
     cfg = model.config

@@ -84,6 +84,16 @@ class RoutingPredictor:
         logits, state = step(self.model, state, self._checked(torch.as_tensor(tokens, dtype=torch.long)))
         return state, torch.sigmoid(logits)
 
+    def start_rows(self, token_ids: list[list[int]]) -> tuple[list[StepState], torch.Tensor]:
+        """`start`, with one state per sequence, for callers that regroup sequences between steps."""
+        state, probs = self.start(token_ids)
+        return [state.select([i]) for i in range(len(token_ids))], probs
+
+    def step_rows(self, states: list[StepState], tokens: list[int]) -> tuple[list[StepState], torch.Tensor]:
+        """`step` over sequences that each carry their own state (in any grouping): one batched forward."""
+        state, probs = self.step(StepState.concat(states), tokens)
+        return [state.select([i]) for i in range(len(states))], probs
+
     def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.numel() and (int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
