@@ -10,6 +10,7 @@ Prints a table and a final JSON line.
 
     python bench/placement.py [--traces results/traces/alpaca_heldout.safetensors] [--predictor results/rpp-alpaca]
                               [--prompts 64] [--replicas 2 4 8] [--batch-size 4] [--cache-fraction 0.25]
+                              [--path rpp-last|rpp-union|oracle-union] [--policy lru] [--gap STEPS]
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import expertflow
 from expertflow.distributed.placement import (PLACEMENTS, ReplicaSet, RoundRobin, RoutingAware, placement_class,
                                               prompt_path)
+from expertflow.cli import main as cli_main
 from expertflow.traces import TraceSet
 from expertflow.tracing import TracingConfig, collect_traces
 
@@ -93,6 +94,11 @@ def test_registry_names() -> None:
 
 
 # ---------------------------------------------------------------- trace --ray
+
+def test_ray_options_need_ray(capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["trace", "--dataset", "alpaca", "--samples", "1", "--workers", "2", "--out", "x"]) == 2
+    assert "need --ray" in capsys.readouterr().err
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
