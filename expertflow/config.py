@@ -43,6 +43,7 @@ class EngineConfig:
     dtype: str = "float32"
     predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it)
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
+    drop_page_cache: bool = False          # disk store: drop each read from the OS page cache (really read the disk)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model).expanduser()
@@ -63,6 +64,8 @@ class EngineConfig:
             raise ExpertflowError(f"--cache-bytes must be positive, got {self.cache_bytes}")
         if self.store not in STORE_NAMES:
             raise ExpertflowError(f"unknown store {self.store!r}; choose one of {', '.join(STORE_NAMES)}")
+        if self.drop_page_cache and self.store != "disk":
+            raise ExpertflowError("--disk-direct applies to --store disk only")
         if self.dtype not in DTYPES:
             raise ExpertflowError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         device_type = self.device.split(":")[0]

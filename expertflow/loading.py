@@ -69,8 +69,10 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     if policy.needs_future:
         raise ExpertflowError(f"policy {policy.name!r} needs the future access sequence; compare it with "
                               "expertflow simulate --policies ...,belady")
-    pinned = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
-    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **pinned)
+    options = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
+    if config.store == "disk":
+        options = {"drop_page_cache": config.drop_page_cache}
+    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **options)
     cache = ExpertCache(Residency(capacity, policy), store, config.torch_device,
                         transfer_ratio=config.transfer_ratio, background=policy.prefetches)
     for layer in layers:

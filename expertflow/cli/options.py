@@ -19,6 +19,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
                         help="cache policy (default: none without a budget, lru with one)")
     parser.add_argument("--store", choices=("host", "disk"), default="host", help="slow tier for experts")
+    parser.add_argument("--disk-direct", action="store_true",
+                        help="with --store disk, drop every expert read from the OS page cache so fetches "
+                             "really read the disk (posix_fadvise DONTNEED)")
     parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--predictor", type=Path, default=None, metavar="DIR",
@@ -34,5 +37,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_experts=args.cache_experts,
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
-        predictor=args.predictor, transfer_ratio=args.transfer_ratio,
+        predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
     )

@@ -1,0 +1,140 @@
+"""The bench sweep: plan every (system, cache size, batch size) run, measure each in a fresh subprocess,
+check that every run produced the same tokens, and write the results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from expertflow.adapters import adapter_for
+from expertflow.bench.spec import BenchConfig, RunSpec
+from expertflow.bench.systems import SYSTEMS
+from expertflow.checkpoint import Checkpoint
+from expertflow.config import EngineConfig
+from expertflow.errors import ExpertflowError
+from expertflow.loading import read_config
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    moe_layers: int
+    experts: int
+    top_k: int
+
+    @property
+    def total_experts(self) -> int:
+        return self.moe_layers * self.experts
+
+    @property
+    def min_cache(self) -> int:
+        return self.moe_layers * self.top_k  # one token's experts in every layer
+
+
+def model_shape(model_dir: Path) -> ModelShape:
+    adapter = adapter_for(read_config(EngineConfig(model=model_dir)))
+    keys = [k for k in Checkpoint(model_dir).keys() if adapter.is_expert_tensor(k)]
+    return ModelShape(len({k.split(".")[2] for k in keys}), adapter.num_experts, adapter.top_k)
+
+
+def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], offload_dir: str) -> list[RunSpec]:
+    """Batch size outermost, so a partial sweep still compares every system at the first batch size."""
+    runs = []
+    for batch in config.batch_sizes:
+        for name in config.systems:
+            sizes = [s.experts(shape.total_experts, shape.min_cache) for s in config.cache_sizes]
+            for experts in dict.fromkeys(sizes) if SYSTEMS[name].uses_cache_size else [None]:
+                runs.append(RunSpec(
+                    system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
+                    max_new_tokens=config.max_new_tokens, store=config.store,
+                    drop_page_cache=config.drop_page_cache and config.store == "disk",
+                    predictor=str(config.predictor) if config.predictor else None,
+                    scheduler=config.scheduler if name == "expertflow" else "fifo",
+                    schedule_unit=config.schedule_unit, threads=config.threads, offload_dir=offload_dir))
+    return runs
+
+
+def measure(spec: RunSpec) -> dict:
+    """Run `spec` in a fresh interpreter; its last stdout line is the result."""
+    done = subprocess.run([sys.executable, "-m", "expertflow.bench.worker"], input=json.dumps(spec.to_json()),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExpertflowError(f"bench run {spec.system} (cache {spec.cache_experts}, batch {spec.batch_size}) "
+                              f"failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(config: BenchConfig, prompts: list[list[int]],
+              checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Every run of the sweep -> the results document (rows without token ids, plus the token check).
+    `checkpoint` gets the document so far after each run, so a long sweep leaves partial results behind."""
+    if not prompts:
+        raise ExpertflowError("no prompts to bench")
+    shape = model_shape(config.model)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="expertflow-bench-") as scratch:
+        for spec in tqdm(plan_runs(config, shape, prompts, scratch), desc="bench", unit="run", disable=None):
+            rows.append(_row(spec, measure(spec), shape))
+            if checkpoint is not None:
+                checkpoint(_document(config, shape, prompts, rows))
+    return _document(config, shape, prompts, rows)
+
+
+def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], rows: list[dict]) -> dict:
+    reference = _reference(rows)
+    results = []
+    for row in rows:
+        mismatched = sum(a != b for a, b in zip(row["sequences"], reference))
+        results.append({**{k: v for k, v in row.items() if k != "sequences"}, "mismatched_sequences": mismatched,
+                        "same_tokens": mismatched == 0})
+    return {"same_tokens": all(r["same_tokens"] for r in results), "results": results,
+            "setup": _setup(config, shape, prompts)}
+
+
+def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
+    experts = shape.total_experts if spec.cache_experts is None else spec.cache_experts
+    return {
+        "system": spec.system, "cache_experts": experts, "cache_share": experts / shape.total_experts,
+        "batch_size": spec.batch_size,
+        "tokens_per_s": got["new_tokens"] / got["seconds"] if got["seconds"] > 0 else 0.0,
+        "peak_expert_bytes": got["peak_expert_bytes"],
+        "peak_fast_tier_bytes": got["peak_expert_bytes"] + got["resident_bytes"],
+        "peak_rss_bytes": got["peak_rss_bytes"], "baseline_rss_bytes": got["baseline_rss_bytes"],
+        "hit_ratio": got["hit_ratio"], "expert_loads": got["expert_loads"], "bytes_moved": got["bytes_moved"],
+        "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
+        "notes": got["notes"], "sequences": got["sequences"],
+    }
+
+
+def _reference(rows: list[dict]) -> list[list[int]]:
+    """The tokens every run must match: plain transformers one prompt at a time if it ran, else the first run."""
+    for row in rows:
+        if row["system"] == "all-in-memory" and row["batch_size"] == 1:
+            return row["sequences"]
+    return rows[0]["sequences"]
+
+
+def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]]) -> dict:
+    return {
+        "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
+        "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
+        "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
+        "top_k": shape.top_k, "total_experts": shape.total_experts,
+        "disk_reads": ("pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"
+                       if config.store == "disk" and config.drop_page_cache else
+                       "through the OS page cache" if config.store == "disk" else "host RAM store (no disk)"),
+        "accelerate": "infer_auto_device_map(max_memory={'cpu': resident + cache experts x expert bytes}), rest to "
+                      "disk offload_folder, read through the page cache; CPU-only so 'cpu' is the fast tier",
+        "token_reference": "all-in-memory, batch 1" if "all-in-memory" in config.systems and 1 in config.batch_sizes
+                           else "the first run",
+        "systems": {name: SYSTEMS[name].summary for name in config.systems},
+        "scheduler": config.scheduler, "schedule_unit": config.schedule_unit, **config.notes,
+    }

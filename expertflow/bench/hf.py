@@ -1,0 +1,128 @@
+"""The two baselines built from transformers itself: all weights in memory, and accelerate offloading.
+
+`accelerate` is what a user would pick instead of expertflow: `infer_auto_device_map` under the same
+fast-tier budget (non-expert weights + the cache's expert bytes) places whole modules in memory and
+the rest in a disk `offload_folder`, which accelerate's hooks read back module by module on every
+forward. On a CPU-only machine the fast tier is host RAM, so "cpu" plays the GPU's role and "disk" the
+slow tier. Its offload files are read through the OS page cache (accelerate has no way to bypass it),
+so its figures are an upper bound on what it would do from a cold disk.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from expertflow.bench.spec import RunSpec
+from expertflow.bench.systems import WARMUP_TOKENS, Measured
+
+
+def run_all_in_memory(spec: RunSpec) -> Measured:
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32).eval()
+    expert, resident = _split_bytes(model)
+    sequences, seconds = _timed_generate(model, spec)
+    return Measured(sequences=sequences, seconds=seconds, peak_expert_bytes=expert, resident_bytes=resident,
+                    all_expert_bytes=expert, hit_ratio=1.0)
+
+
+def run_accelerate(spec: RunSpec) -> Measured:
+    from accelerate import infer_auto_device_map, init_empty_weights
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.model), dtype=torch.float32)
+    skeleton.tie_weights()
+    expert_total, resident = _split_bytes(skeleton)
+    expert_each = expert_total // _experts_total(skeleton)
+    budget = resident + spec.cache_experts * expert_each
+    # Split as finely as accelerate can hook: attention, norms, each layer's fused experts module on its own.
+    experts_classes = sorted({type(m).__name__ for n, m in skeleton.named_modules() if n.endswith(".experts")})
+    device_map = infer_auto_device_map(skeleton, max_memory={"cpu": budget, "disk": 1 << 50},
+                                       no_split_module_classes=experts_classes)
+    with tempfile.TemporaryDirectory(dir=spec.offload_dir) as offload:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32, device_map=device_map,
+                                                     offload_folder=offload).eval()
+        sequences, seconds = _timed_generate(model, spec)
+    in_memory, largest_offloaded = _placement(skeleton, device_map)
+    return Measured(sequences=sequences, seconds=seconds,
+                    # An offloaded module's weights are in memory while it runs: the largest one adds to the peak.
+                    peak_expert_bytes=in_memory["expert"] + largest_offloaded["expert"],
+                    resident_bytes=in_memory["resident"] + largest_offloaded["resident"],
+                    all_expert_bytes=expert_total, hit_ratio=None,
+                    notes={"budget_bytes": budget, "modules_in_memory": sum(d == "cpu" for d in device_map.values()),
+                           "modules_on_disk": sum(d == "disk" for d in device_map.values()),
+                           "offload_reads": "page cache (not bypassed)"})
+
+
+def _timed_generate(model, spec: RunSpec) -> tuple[list[list[int]], float]:
+    generation = GenerationConfig.from_pretrained(spec.model) if (Path(spec.model) / "generation_config.json").is_file() \
+        else GenerationConfig.from_model_config(model.config)
+    eos = generation.eos_token_id if generation.eos_token_id is not None else model.config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    pad = generation.pad_token_id if generation.pad_token_id is not None else min(eos_ids)
+    _generate(model, spec.prompts[:1], WARMUP_TOKENS, eos_ids, pad)
+    sequences: list[list[int]] = []
+    start = time.perf_counter()
+    for i in range(0, len(spec.prompts), spec.batch_size):
+        sequences += _generate(model, spec.prompts[i : i + spec.batch_size], spec.max_new_tokens, eos_ids, pad)
+    return sequences, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def _generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad: int) -> list[list[int]]:
+    """Greedy generate for one left-padded batch -> generated ids per prompt, cut after the first EOS."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=1, eos_token_id=sorted(eos_ids), pad_token_id=pad)
+    return [_cut_at_eos(row[width:].tolist(), eos_ids) for row in out]
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in f"{name}."
+
+
+def _split_bytes(model) -> tuple[int, int]:
+    """(expert bytes, every other weight's bytes); tied weights counted once."""
+    sizes = {"expert": 0, "resident": 0}
+    for name, p in model.named_parameters():
+        sizes["expert" if _is_expert(name) else "resident"] += p.numel() * p.element_size()
+    return sizes["expert"], sizes["resident"]
+
+
+def _experts_total(model) -> int:
+    config = model.config
+    per_layer = next(getattr(config, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
+                     if getattr(config, a, None))
+    moe_layers = {name.split(".experts.")[0] for name, _ in model.named_parameters() if _is_expert(name)}
+    return per_layer * len(moe_layers)
+
+
+def _placement(model, device_map: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes placed in memory, and the bytes of the largest offloaded module, split expert/resident.
+
+    accelerate hooks every module that owns parameters, loading just that module's weights while it
+    runs, so the transient extra is the largest such module on disk (one layer's fused experts)."""
+    in_memory = {"expert": 0, "resident": 0}
+    on_disk: dict[str, dict[str, int]] = {}
+    for name, p in model.named_parameters():
+        entry = max((m for m in device_map if m == "" or name == m or name.startswith(m + ".")), key=len)
+        kind = "expert" if _is_expert(name) else "resident"
+        size = p.numel() * p.element_size()
+        if device_map[entry] == "disk":
+            on_disk.setdefault(name.rsplit(".", 1)[0], {"expert": 0, "resident": 0})[kind] += size
+        else:
+            in_memory[kind] += size
+    largest = max(on_disk.values(), key=lambda s: s["expert"] + s["resident"], default={"expert": 0, "resident": 0})
+    return in_memory, largest

@@ -1,0 +1,80 @@
+"""Presenting a bench: table rows, the markdown file, results.json, and the final JSON line's payload.
+
+Every file is written atomically (a temp file in the same directory, then os.replace), so a reader
+never sees half a result and a crashed run leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from expertflow.cli.report import human_bytes
+
+COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "hit ratio", "loads",
+           "peak fast tier", "peak RSS", "same tokens")
+JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "peak_expert_bytes",
+               "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "same_tokens")
+
+
+def table_rows(doc: dict) -> list[tuple]:
+    rows = []
+    for r in doc["results"]:
+        base = _all_in_memory(doc, r["batch_size"])
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        size = "all" if r["system"] == "all-in-memory" else f"{r['cache_experts']} ({r['cache_share']:.0%})"
+        hits = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
+        rows.append((r["system"], size, r["batch_size"], f"{r['tokens_per_s']:.1f}", speed, hits, r["expert_loads"],
+                     human_bytes(r["peak_fast_tier_bytes"]), human_bytes(r["peak_rss_bytes"]),
+                     "yes" if r["same_tokens"] else f"no ({r['mismatched_sequences']} differ)"))
+    return rows
+
+
+def title(doc: dict) -> str:
+    s = doc["setup"]
+    return (f"bench: {s['prompts']} {s['dataset']} prompts x {s['max_new_tokens']} new tokens, greedy, "
+            f"{s['threads']} thread(s), store {s['store']} (same tokens: {doc['same_tokens']})")
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# {title(doc)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table_rows(doc)]
+    lines += ["", "## Setup", ""] + [f"- **{k}**: {_setup_value(v)}" for k, v in doc["setup"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def json_line(doc: dict) -> dict:
+    """The `--json` payload: the headline fields of every run."""
+    return {"same_tokens": doc["same_tokens"],
+            "results": [{k: r[k] for k in JSON_FIELDS} for r in doc["results"]]}
+
+
+def write_results(doc: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    write_atomic(paths[0], json.dumps(doc, indent=1) + "\n")
+    write_atomic(paths[1], markdown(doc))
+    return paths
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _all_in_memory(doc: dict, batch: int) -> dict | None:
+    return next((r for r in doc["results"] if r["system"] == "all-in-memory" and r["batch_size"] == batch), None)
+
+
+def _setup_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)

@@ -1,0 +1,110 @@
+"""What a bench sweep runs: the validated sweep config, and one run (system x cache size x batch size).
+
+A run spec crosses a process boundary (each run is measured in a fresh subprocess, so its peak RSS is
+its own), so it is plain data that round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from expertflow.errors import ExpertflowError
+
+ENGINE_SCHEDULERS = ("similarity", "swap")
+STORE_NAMES = ("host", "disk")
+
+
+@dataclass(frozen=True)
+class CacheSize:
+    """A fast-tier budget in experts: an absolute count, or a fraction of every expert the model has."""
+
+    text: str
+
+    def experts(self, total: int, minimum: int) -> int:
+        """Slots for a model with `total` experts; never below `minimum` (one token's experts per layer)."""
+        if self.text.endswith("%"):
+            return max(round(total * float(self.text[:-1]) / 100), minimum)
+        return int(self.text)
+
+    @classmethod
+    def parse(cls, text: str) -> "CacheSize":
+        text = text.strip()
+        try:
+            value = float(text[:-1]) if text.endswith("%") else int(text)
+        except ValueError:
+            raise ExpertflowError(f"cannot read cache size {text!r}; write a count like 26 or a share like 10%") from None
+        if value <= 0 or (text.endswith("%") and value > 100):
+            raise ExpertflowError(f"cache size {text!r} must be a positive count or a share in (0, 100]%")
+        return cls(text)
+
+
+@dataclass
+class BenchConfig:
+    """One sweep: every system x cache size x batch size on the same prompts and greedy decoding."""
+
+    model: Path
+    systems: list[str]
+    cache_sizes: list[CacheSize]
+    batch_sizes: list[int]
+    out: Path
+    store: str = "disk"
+    drop_page_cache: bool = True       # disk reads bypass the OS page cache (posix_fadvise DONTNEED)
+    predictor: Path | None = None      # the RPP the `expertflow` system plans and schedules from
+    scheduler: str = "swap"            # the token scheduler of the `expertflow` system
+    schedule_unit: int = 2
+    max_new_tokens: int = 32
+    threads: int = 1
+    dataset: str = "custom"
+    notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
+
+    def __post_init__(self) -> None:
+        from expertflow.bench.systems import SYSTEMS  # the registry validates names; imported late to avoid a cycle
+
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown or not self.systems:
+            raise ExpertflowError(f"unknown system {unknown[0] if unknown else '(none)'!r}; choose from "
+                                  f"{', '.join(SYSTEMS)}")
+        if len(set(self.systems)) != len(self.systems):
+            raise ExpertflowError("--systems names a system twice")
+        if not self.cache_sizes:
+            raise ExpertflowError("give at least one --cache-experts size")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ExpertflowError(f"--batch-size values must be at least 1, got {self.batch_sizes}")
+        if self.store not in STORE_NAMES:
+            raise ExpertflowError(f"unknown store {self.store!r}; choose host or disk")
+        if self.scheduler not in ENGINE_SCHEDULERS:
+            raise ExpertflowError(f"unknown scheduler {self.scheduler!r}; choose {' or '.join(ENGINE_SCHEDULERS)}")
+        if self.max_new_tokens < 1 or self.threads < 1 or self.schedule_unit < 1:
+            raise ExpertflowError("--max-new-tokens, --threads and --schedule-unit must be at least 1")
+        if "expertflow" in self.systems and self.predictor is None:
+            raise ExpertflowError("system expertflow plans from a routing predictor; pass --predictor DIR "
+                                  "(train one with expertflow train-predictor)")
+        self.model = Path(self.model)
+        self.out = Path(self.out)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One measured run, handed to a worker subprocess as JSON."""
+
+    system: str
+    model: str
+    cache_experts: int | None          # None: the system keeps every expert in memory
+    batch_size: int
+    prompts: list[list[int]]
+    max_new_tokens: int
+    store: str = "disk"
+    drop_page_cache: bool = True
+    predictor: str | None = None
+    scheduler: str = "fifo"
+    schedule_unit: int = 2
+    threads: int = 1
+    offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunSpec":
+        return cls(**data)

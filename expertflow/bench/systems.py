@@ -1,0 +1,94 @@
+"""The systems a bench compares, by name: each turns a `RunSpec` into a `Measured` run.
+
+Every system decodes the same prompt ids greedily for the same number of new tokens, timed end to end
+(prefill included) after a short warm-up; batches are formed in prompt order unless the system has a
+token scheduler of its own (`expertflow`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from expertflow.bench.spec import RunSpec
+
+WARMUP_TOKENS = 2
+
+
+@dataclass
+class Measured:
+    sequences: list[list[int]]        # generated ids per prompt, EOS included, in prompt order
+    seconds: float
+    peak_expert_bytes: int            # fast-tier bytes held by experts at peak
+    resident_bytes: int               # fast-tier bytes of every non-expert weight
+    all_expert_bytes: int
+    hit_ratio: float | None           # None: the system has no expert cache to hit
+    expert_loads: int = 0
+    bytes_moved: int = 0
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(map(len, self.sequences))
+
+
+@dataclass(frozen=True)
+class System:
+    runner: Callable[[RunSpec], Measured]
+    uses_cache_size: bool             # False: one run per batch size, cache size does not apply
+    policy: str | None = None         # the engine cache policy, for engine systems
+    summary: str = ""
+
+
+def run_engine(spec: RunSpec) -> Measured:
+    """An expertflow engine run: the system's cache policy; generate_many batches (and, for `expertflow`,
+    regroups with the token scheduler between steps)."""
+    from expertflow.api import ExpertflowModel
+    from expertflow.config import EngineConfig
+
+    policy = SYSTEMS[spec.system].policy
+    model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=spec.cache_experts, policy=policy,
+                                         store=spec.store, drop_page_cache=spec.drop_page_cache,
+                                         predictor=spec.predictor))
+    try:
+        model.generate_many(input_ids=spec.prompts[:1], batch_size=1, max_new_tokens=WARMUP_TOKENS)
+        start = time.perf_counter()
+        out = model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, scheduler=spec.scheduler,
+                                  schedule_unit=spec.schedule_unit, max_new_tokens=spec.max_new_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        model.close()
+    stats = out.stats
+    return Measured(sequences=out.sequences, seconds=seconds, peak_expert_bytes=stats.peak_expert_bytes,
+                    resident_bytes=sum(p.numel() * p.element_size() for p in model.model.parameters()),
+                    all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
+                    expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved,
+                    notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
+                           "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
+                           "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)})
+
+
+def _run_transformers(spec: RunSpec) -> Measured:
+    from expertflow.bench.hf import run_all_in_memory
+
+    return run_all_in_memory(spec)
+
+
+def _run_accelerate(spec: RunSpec) -> Measured:
+    from expertflow.bench.hf import run_accelerate
+
+    return run_accelerate(spec)
+
+
+SYSTEMS: dict[str, System] = {
+    "all-in-memory": System(_run_transformers, uses_cache_size=False,
+                            summary="transformers generate, every weight in memory (the speed limit)"),
+    "accelerate": System(_run_accelerate, uses_cache_size=True,
+                         summary="transformers + accelerate device_map under the budget, rest in offload_folder"),
+    "lru": System(run_engine, True, "lru", "expertflow engine, per-layer LRU cache (Cache-MoE)"),
+    "lfu": System(run_engine, True, "lfu", "expertflow engine, LFU cache"),
+    "ring": System(run_engine, True, "ring", "expertflow engine, ring prefetch of the next layers (SE-MoE)"),
+    "pregated": System(run_engine, True, "pregated", "expertflow engine, next-layer pre-gating (Pregated-MoE)"),
+    "expertflow": System(run_engine, True, "expertflow", "expertflow engine: RPP + token scheduler + PLEC"),
+}

@@ -1,0 +1,106 @@
+"""`expertflow bench`: the paper's evaluation in one command, every system side by side.
+
+Each (system, cache size, batch size) run decodes the same prompts greedily in a fresh subprocess;
+results.json, results.md and PNG plots land in --out; the table is printed, and with --json a final
+JSON line carries the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from expertflow.bench.costs import measure_expert_costs
+from expertflow.bench.harness import run_bench
+from expertflow.bench.plots import write_plots
+from expertflow.bench.report import COLUMNS, json_line, table_rows, title, write_results
+from expertflow.bench.spec import BenchConfig, CacheSize
+from expertflow.bench.systems import SYSTEMS
+from expertflow.cli.report import print_json_line, print_table
+from expertflow.datasets import load_prompts
+from expertflow.embedded import EMBEDDED_MODEL_DIR
+from expertflow.errors import ExpertflowError
+from expertflow.widen import widen_checkpoint
+
+DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="every system side by side: throughput, memory, hit ratio")
+    p.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR,
+                   help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
+    p.add_argument("--prompts", type=int, default=16, help="number of prompts (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--cache-experts", default="10%,25%", help="fast-tier slots, counts or %% of experts: 10%%,64")
+    p.add_argument("--batch-size", default="1,4,16", help="sequences decoded together: 1,4,16")
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated from {', '.join(SYSTEMS)}")
+    p.add_argument("--store", choices=("disk", "host"), default="disk", help="slow tier for engine systems")
+    p.add_argument("--page-cache", action="store_true",
+                   help="let disk reads hit the OS page cache (default: bypass it, so disk means disk)")
+    p.add_argument("--predictor", type=Path, default=None, metavar="DIR", help="RPP for the expertflow system")
+    p.add_argument("--scheduler", default="swap", choices=("swap", "similarity"),
+                   help="token scheduler of the expertflow system")
+    p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
+    p.add_argument("--widen", type=int, default=None, metavar="N",
+                   help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")
+    p.add_argument("--widen-dir", type=Path, default=None,
+                   help="where widened copies are kept (default ~/.cache/expertflow/widened)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: steadier ratios)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results and plots")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = _widened(args) if args.widen is not None else args.model
+    torch.set_num_threads(max(args.threads, 1))
+    costs = measure_expert_costs(model) if args.store == "disk" else None
+    config = BenchConfig(
+        model=model, systems=_names(args.systems), cache_sizes=[CacheSize.parse(s) for s in _names(args.cache_experts)],
+        batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
+        drop_page_cache=not args.page_cache, predictor=args.predictor, scheduler=args.scheduler,
+        schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
+        dataset=args.dataset,
+        notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
+    doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
+                    checkpoint=lambda partial: write_results(partial, config.out))
+    write_results(doc, config.out)
+    write_plots(doc, config.out)
+    print_table(title(doc), COLUMNS, table_rows(doc))
+    print(f"results, table and plots in {config.out}")
+    if args.json:
+        print_json_line(json_line(doc))
+    return 0
+
+
+def _widened(args: argparse.Namespace) -> Path:
+    """The model widened to --widen N, made once and reused (widen writes its directory atomically)."""
+    root = args.widen_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertflow" / "widened"
+    target = root / f"{args.model.name}-i{args.widen}"
+    return target if target.is_dir() else widen_checkpoint(args.model, target, args.widen)
+
+
+def _prompt_ids(model: Path, dataset: str, count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    if count < 1:
+        raise ExpertflowError(f"--prompts must be at least 1, got {count}")
+    if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ExpertflowError(f"{model} has no tokenizer files; bench needs text prompts tokenized by the model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return [list(tokenizer(p)["input_ids"]) for p in load_prompts(dataset, limit=count)]
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ExpertflowError(f"{flag} takes whole numbers like 1,4,16; got {text!r}") from None

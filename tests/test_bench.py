@@ -1,0 +1,84 @@
+"""`expertflow bench` end to end on a tiny random model: two systems, files written, figures sane."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from expertflow.bench.harness import model_shape, plan_runs, run_bench
+from expertflow.bench.plots import write_plots
+from expertflow.bench.report import JSON_FIELDS, json_line, markdown, write_results
+from expertflow.bench.spec import BenchConfig, CacheSize
+from expertflow.errors import ExpertflowError
+
+
+def _prompts(vocab: int = 96, count: int = 3) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(4, 9))] for _ in range(count)]
+
+
+def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
+    config = BenchConfig(model=tiny_mixtral_dir, systems=["all-in-memory", "lru"], cache_sizes=[CacheSize("50%")],
+                         batch_sizes=[2], out=tmp_path / "out", store="disk", max_new_tokens=6)
+    doc = run_bench(config, _prompts())
+    write_results(doc, config.out)
+    write_plots(doc, config.out)
+
+    saved = json.loads((config.out / "results.json").read_text())
+    assert saved["same_tokens"] is True
+    assert [(r["system"], r["batch_size"]) for r in saved["results"]] == [("all-in-memory", 2), ("lru", 2)]
+    for row in saved["results"]:
+        assert row["same_tokens"] and row["mismatched_sequences"] == 0
+        assert row["tokens_per_s"] > 0 and row["new_tokens"] > 0
+        assert row["peak_expert_bytes"] > 0 and row["peak_rss_bytes"] > row["peak_fast_tier_bytes"] > 0
+        assert 0 < row["hit_ratio"] <= 1
+    lru = [r for r in saved["results"] if r["system"] == "lru"]
+    assert all(r["cache_experts"] == 12 and r["expert_loads"] > 0 for r in lru)  # 50% of 3 layers x 8 experts
+    everything = saved["results"][0]
+    assert lru[0]["peak_expert_bytes"] <= everything["peak_expert_bytes"] // 2
+    assert "posix_fadvise" in saved["setup"]["disk_reads"]
+
+    line = json_line(saved)
+    assert line["same_tokens"] is True and set(JSON_FIELDS) <= set(line["results"][0])
+    assert "| lru | 12 (50%) | 2 |" in (config.out / "results.md").read_text()
+    for name in ("throughput.png", "memory.png", "hit_ratio.png"):
+        assert (config.out / name).read_bytes()[:4] == b"\x89PNG"
+    assert not list(config.out.glob(".*"))  # no temp files left behind by atomic writes
+
+
+def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
+    config = BenchConfig(model=tiny_mixtral_dir, systems=["all-in-memory", "accelerate", "lru"],
+                         cache_sizes=[CacheSize.parse("10%"), CacheSize.parse("12")], batch_sizes=[4],
+                         out=tmp_path)
+    runs = plan_runs(config, model_shape(tiny_mixtral_dir), _prompts(), str(tmp_path))
+    # 10% of 24 experts is below one token's experts in every layer (3 x top-2), so it is raised to 6.
+    assert [(r.system, r.cache_experts) for r in runs] == [
+        ("all-in-memory", None), ("accelerate", 6), ("accelerate", 12), ("lru", 6), ("lru", 12)]
+    assert all(r.drop_page_cache and r.scheduler == "fifo" for r in runs)
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "150%", "ten", "5.5"])
+def test_bad_cache_sizes_are_one_line_errors(text: str) -> None:
+    with pytest.raises(ExpertflowError, match="cache size"):
+        CacheSize.parse(text)
+
+
+def test_config_checks_systems_and_predictor(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
+    base = dict(model=tiny_mixtral_dir, cache_sizes=[CacheSize("10%")], batch_sizes=[1], out=tmp_path)
+    with pytest.raises(ExpertflowError, match="unknown system 'fast'"):
+        BenchConfig(systems=["lru", "fast"], **base)
+    with pytest.raises(ExpertflowError, match="--predictor"):
+        BenchConfig(systems=["expertflow"], **base)
+
+
+def test_markdown_names_the_reference(tmp_path: Path) -> None:
+    doc = {"same_tokens": False, "setup": {"prompts": 1, "dataset": "d", "max_new_tokens": 2, "threads": 1,
+                                           "store": "disk", "token_reference": "all-in-memory, batch 1"},
+           "results": [{"system": "lru", "cache_experts": 2, "cache_share": 0.5, "batch_size": 1, "tokens_per_s": 3.0,
+                        "hit_ratio": 0.5, "expert_loads": 1, "peak_fast_tier_bytes": 10, "peak_rss_bytes": 20,
+                        "same_tokens": False, "mismatched_sequences": 1}]}
+    text = markdown(doc)
+    assert "no (1 differ)" in text and "token_reference**: all-in-memory, batch 1" in text
