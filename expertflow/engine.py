@@ -82,9 +82,7 @@ class Predictor(Protocol):
 
     def predict(self, token_ids: list[list[int]]) -> torch.Tensor: ...       # (B, S, L, E), zeros past ends
 
-    def predict_next(self, token_ids: list[list[int]]) -> torch.Tensor: ...  # (B, L, E) for each last token
-
-    # Incremental use with one state per sequence, for loops that regroup sequences between steps:
+    # Incremental use with one state per sequence (sequences may be regrouped between steps):
     def start_rows(self, token_ids: list[list[int]]) -> tuple[list, torch.Tensor]: ...  # states, (B, L, E)
 
     def step_rows(self, states: list, tokens: list[int]) -> tuple[list, torch.Tensor]: ...  # states, (B, L, E)
@@ -114,6 +112,7 @@ class Engine:
         before = self.parts.cache.figures()
         start = time.perf_counter()
 
+        forecaster = self.forecaster(input_ids)
         logits, kv = self.forward(ids, mask, None, self.forecast(input_ids, prefill=True))
         if record_routing:
             self._keep_prompt_routing(routing, mask)
@@ -123,7 +122,7 @@ class Engine:
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            forecast = self.forecast(_running(input_ids, generated, finished), prefill=False)
+            forecast = forecaster.next(token.tolist(), (~finished).nonzero().flatten().tolist()) if forecaster else None
             logits, kv = self.forward(token[:, None], mask, kv, forecast)
             if record_routing:
                 self._keep_step_routing(routing, generated, step)
@@ -132,7 +131,8 @@ class Engine:
         if record_routing:  # the last generated tokens have not been through the model yet
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
             last = torch.tensor([g[-1] for g in generated], device=self.device)
-            self.forward(last[:, None], mask, kv, self.forecast(_running(input_ids, generated, None), False))
+            forecast = forecaster.next(last.tolist(), list(range(batch))) if forecaster else None
+            self.forward(last[:, None], mask, kv, forecast)
             self._keep_step_routing(routing, generated, max(len(g) for g in generated) - 1)
         self.recorder.enabled = False
 
@@ -157,14 +157,17 @@ class Engine:
         return ids.to(self.device), mask.to(self.device)
 
     def forecast(self, token_ids: list[list[int]], prefill: bool) -> Forecast | None:
-        """The predictor's forecast of the coming forward's routing over (layer, expert) keys."""
+        """The predictor's forecast of a prefill's routing over (layer, expert) keys (every position)."""
         if self.predictor is None or not token_ids or not self.parts.policy.uses_forecast:
             return None
-        if prefill:
-            probs = self.predictor.predict(token_ids).flatten(0, 1)     # (B * S, L, E)
-        else:
-            probs = self.predictor.predict_next(token_ids)              # (B, L, E)
+        probs = self.predictor.predict(token_ids).flatten(0, 1)  # (B * S, L, E)
         return batch_forecast(probs.float().cpu().numpy(), self.parts.layers)
+
+    def forecaster(self, prompts: list[list[int]]) -> StepForecaster | None:
+        """The RPP run alongside decoding, one incremental step per token; None when nothing plans from it."""
+        if self.predictor is None or not self.parts.policy.uses_forecast:
+            return None
+        return StepForecaster(self.predictor, self.parts.layers, prompts)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, kv, forecast: Forecast | None):
         """One model forward over the new positions `ids` (B, S); returns last-position logits (B, V) and KV.
@@ -192,7 +195,18 @@ class Engine:
         return len(self.parts.layers), self.parts.adapter.top_k
 
 
-def _running(prompts: list[list[int]], generated: list[list[int]], finished: torch.Tensor | None) -> list[list[int]]:
-    """Each unfinished sequence's tokens so far (finished ones feed padding; they are not forecast)."""
-    done = [False] * len(prompts) if finished is None else finished.tolist()
-    return [p + g for p, g, f in zip(prompts, generated, done) if not f]
+class StepForecaster:
+    """Incremental RPP state for each sequence of a decode batch: each step costs one token per sequence,
+    not a rerun over the context."""
+
+    def __init__(self, predictor: Predictor, layers: list[int], prompts: list[list[int]]) -> None:
+        self.predictor = predictor
+        self.layers = layers
+        self.states, _ = predictor.start_rows(prompts)
+
+    def next(self, tokens: list[int], rows: list[int]) -> Forecast:
+        """Forecast of the forward feeding `tokens[b]` for each running row b (finished rows feed padding)."""
+        new, probs = self.predictor.step_rows([self.states[b] for b in rows], [tokens[b] for b in rows])
+        for b, state in zip(rows, new):
+            self.states[b] = state
+        return batch_forecast(probs.float().cpu().numpy(), self.layers)

@@ -40,6 +40,14 @@ class HashPredictor:
     def predict_next(self, token_ids: list[list[int]]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.per_token(ids)[-1] for ids in token_ids]))
 
+    # Incremental use: a sequence's state is simply its token ids so far.
+    def start_rows(self, token_ids: list[list[int]]) -> tuple[list, torch.Tensor]:
+        return [list(ids) for ids in token_ids], self.predict_next(token_ids)
+
+    def step_rows(self, states: list, tokens: list[int]) -> tuple[list, torch.Tensor]:
+        states = [s + [t] for s, t in zip(states, tokens)]
+        return states, self.predict_next(states)
+
 
 class OraclePredictor(HashPredictor):
     """Knows the routing of a recorded run: the prefix of token ids -> that last token's true routing."""
