@@ -4,10 +4,7 @@ and clients talk to it with httpx, the `openai` package and lm-eval's `local-com
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +24,7 @@ pytest.importorskip("fastapi")
 
 from expertflow.server import SERVE_SCHEDULERS, ServeConfig, build_service  # noqa: E402
 from expertflow.server.app import create_app  # noqa: E402
+from tests.serving import serving_app  # noqa: E402
 
 MODEL = "tiny-mixtral-32e"
 POISON = 4242  # a prompt starting with this token id makes FailingRunner's batch fail
@@ -41,24 +39,9 @@ class FailingRunner(BatchRunner):
         return super().run_batch(batch)
 
 
-@contextlib.contextmanager
-def serving(model, config: ServeConfig, runner: BatchRunner | None = None) -> Iterator[str]:
+def serving(model, config: ServeConfig, runner: BatchRunner | None = None):
     """The app in uvicorn on a free loopback port; yields its base URL, stops it on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(build_service(model, config, runner)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    return serving_app(create_app(build_service(model, config, runner)))
 
 
 @pytest.fixture(scope="module")

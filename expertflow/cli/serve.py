@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from expertflow.cli.options import add_engine_options, engine_config
 from expertflow.errors import ExpertflowError
@@ -22,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "decode together (default 8)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads for the engine (default: torch's own choice)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="run N engine replicas as Ray actors behind this server, each with its own expert "
+                             "cache (needs the ray extra)")
+    parser.add_argument("--placement", choices=("routing", "round-robin"), default=None,
+                        help="with --replicas, which replica runs a request: routing (the one whose running "
+                             "requests use the experts the --predictor forecasts for it; round-robin without a "
+                             "predictor) or round-robin (default routing)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -48,10 +56,31 @@ def run(args: argparse.Namespace) -> int:
                              max_batch_size=args.max_batch_size)
     except ValueError as exc:
         raise ExpertflowError(str(exc)) from exc
+    if args.replicas is None and args.placement is not None:
+        raise ExpertflowError("--placement places requests across replicas: it needs --replicas N")
     model = ExpertflowModel(engine_config(args))
     try:
-        uvicorn.run(create_app(build_service(model, config)), host=config.host, port=config.port,
-                    log_level=args.log_level)
+        service = build_service(model, config) if args.replicas is None else _replica_service(model, config, args)
+        uvicorn.run(create_app(service), host=config.host, port=config.port, log_level=args.log_level)
     finally:
         model.close()
     return 0
+
+
+def _replica_service(model, config, args: argparse.Namespace):
+    """The service over Ray replicas; Ray is imported only here, so a plain `serve` never loads it."""
+    try:
+        from expertflow.distributed.replicas import ReplicaConfig, build_replica_service
+    except ImportError as exc:
+        raise ExpertflowError(f"--replicas needs the ray extra ({exc.name} is missing): "
+                              "pip install 'expertflow-moe[ray]'") from exc
+    placement = {} if args.placement is None else {"placement": args.placement}
+    try:
+        replica_config = ReplicaConfig(replicas=args.replicas, threads=args.threads, **placement)
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from exc
+    service = build_replica_service(model, config, replica_config)
+    if service.loop.placement.name != replica_config.placement:
+        print(f"serve: placing requests {service.loop.placement.name} (routing-aware placement needs --predictor)",
+              file=sys.stderr)
+    return service

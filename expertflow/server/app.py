@@ -46,12 +46,13 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = service.loop.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped", "running": service.loop.running},
-                            status_code=200 if alive else 503)
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "running": service.loop.running,
+                             **await service.loop.report()}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics() -> dict:
-        return service.metrics.snapshot(service.model.cache.figures(), service.loop.running)
+        snapshot = service.metrics.snapshot(await service.loop.cache_report(), service.loop.running)
+        return {**snapshot, **await service.loop.report()}
 
     return app
 

@@ -8,6 +8,7 @@ and the loop goes on serving."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import queue
@@ -17,7 +18,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from expertflow.batching import BatchRunner, DecodeSession, Sequence
+from expertflow.server.metrics import cache_figures
+from expertflow.server.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,15 @@ class EngineLoop:
         future: Future = Future()
         self._inbox.put(_Call(fn, future))
         return future
+
+    async def score(self, ids: list[int]) -> torch.Tensor:
+        return await asyncio.wrap_future(self.call(lambda: token_logprobs(self.runner.engine, ids)))
+
+    async def cache_report(self) -> dict:
+        return cache_figures(self.runner.engine.parts.cache.figures())
+
+    async def report(self) -> dict:
+        return {}
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:

@@ -48,7 +48,8 @@ class ServerMetrics:
             self.prompt_tokens += prompt
             self.completion_tokens += completion
 
-    def snapshot(self, cache: CacheFigures, running: int) -> dict:
+    def snapshot(self, cache: dict, running: int) -> dict:
+        """`cache`: the engine's figures as `cache_figures` formats them."""
         with self._lock:
             latency, first = list(self._latency), list(self._first_token)
             counts = dict(self.counts)
@@ -58,7 +59,7 @@ class ServerMetrics:
                 "tokens": tokens,
                 "latency_seconds": _percentiles(latency),
                 "time_to_first_token_seconds": _percentiles(first),
-                "cache": cache_figures(cache)}
+                "cache": cache}
 
 
 def cache_figures(figures: CacheFigures) -> dict:

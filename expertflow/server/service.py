@@ -14,11 +14,11 @@ from expertflow.batching import Sequence
 from expertflow.engine import Sampler
 from expertflow.server import schemas
 from expertflow.server.errors import APIError, server_error
-from expertflow.server.loop import EngineLoop
+from expertflow.server.backend import EngineBackend
 from expertflow.server.metrics import ServerMetrics
 from expertflow.server.prompts import encode_prompts, encode_text, render_chat, token_limit
 from expertflow.server.schemas import ChatRequest, Choice, CompletionRequest
-from expertflow.server.scoring import logprobs_object, token_logprobs
+from expertflow.server.scoring import logprobs_object
 from expertflow.server.stream import Detokenizer, RequestStream
 
 ChunkFn = Callable[[int, str, str | None], dict]   # (choice index, text delta, finish reason) -> chunk
@@ -29,7 +29,7 @@ def sse(payload: dict | str) -> str:
 
 
 class Service:
-    def __init__(self, model: ExpertflowModel, loop: EngineLoop, metrics: ServerMetrics) -> None:
+    def __init__(self, model: ExpertflowModel, loop: EngineBackend, metrics: ServerMetrics) -> None:
         self.model = model
         self.loop = loop
         self.metrics = metrics
@@ -65,7 +65,7 @@ class Service:
         if req.echo:
             choice.text = self.model.decode(prompt) + choice.text
         if req.logprobs is not None:
-            logp = await asyncio.wrap_future(self.loop.call(lambda: token_logprobs(self.model.engine, ids)))
+            logp = await self.loop.score(ids)
             first = 0 if req.echo else len(prompt)
             choice.logprobs = logprobs_object(ids, logp, first, req.logprobs, self._piece)
         return choice
