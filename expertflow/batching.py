@@ -47,7 +47,8 @@ class Sequence:
     sampler: Sampler
     on_token: TokenCallback | None = None   # called on the loop's thread with each new token
     generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None        # "stop" (eos), "length", or "cancelled"
+    finish_reason: str | None = None        # "stop" (eos), "length", "cancelled", or "error"
+    error: BaseException | None = None      # why, when finish_reason is "error"
     cancelled: bool = False                 # set from any thread: the sequence leaves at its next step
     last_routing: np.ndarray | None = None  # (L, K) experts the last token fed to the model used
     forecast: np.ndarray | None = None      # (L, E) predicted probabilities for the next token fed
@@ -98,6 +99,9 @@ class BatchRunner:
                 session.round()
         seconds = time.perf_counter() - start
         done = sorted(session.finished, key=lambda s: s.index)
+        failed = [s.error for s in done if s.error is not None]
+        if failed:
+            raise failed[0]
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(len(s.generated) for s in done),
                                  prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0)
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
@@ -256,11 +260,33 @@ class DecodeSession:
     @torch.inference_mode()
     def round(self) -> None:
         """Each unit in turn: wait for its plan, run its batches, sample, and hand it back to the worker,
-        which then plans it while the next unit runs."""
+        which then plans it while the next unit runs. A batch (or a unit's plan) that fails finishes only
+        its own sequences, with finish_reason "error"; the others go on."""
         for u in range(self.runner.depth):
-            batches = self._wait(self._plans.pop(u)) if u in self._plans else []
-            self.distinct += [self.runner.run_batch(batch) for batch in batches]
-            self._advance(u, batches)
+            batches = self._planned(u)
+            self._advance(u, [batch for batch in batches if self._ran(batch)])
+
+    def _planned(self, u: int) -> list[Batch]:
+        if u not in self._plans:
+            return []
+        try:
+            return self._wait(self._plans.pop(u))
+        except Exception as exc:  # the worker failed to predict or regroup this unit
+            self._fail(self._live.pop(u, []), exc)
+            return []
+
+    def _ran(self, batch: Batch) -> bool:
+        try:
+            self.distinct.append(self.runner.run_batch(batch))
+        except Exception as exc:  # a fault inside the engine: this batch's sequences fail, the rest go on
+            self._fail(batch.members, exc)
+            return False
+        return True
+
+    def _fail(self, sequences: list[Sequence], exc: Exception) -> None:
+        for seq in sequences:
+            seq.finish_reason, seq.error = "error", exc
+            self.finished.append(seq)
 
     def abort(self) -> list[Sequence]:
         """Drop every sequence in flight or waiting (after a failure) and return them; the session stays usable."""

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -211,6 +212,25 @@ def test_engine_failure_fails_that_request_with_500_and_the_server_keeps_serving
         ok = post(base, "/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
         assert httpx.get(base + "/metrics").json()["requests"]["server_errors"] == 1
+    model.close()
+
+
+def test_engine_failure_fails_only_the_failing_batch():
+    """Two requests in flight in different batches: the poisoned one gets a 500, the other its answer."""
+    model = expertflow.from_pretrained()  # its own engine: a session owns its engine's routing recorder
+    runner = FailingRunner(model.engine, scheduler_class("fifo")(), batch_size=1)
+    expected = model.generate(input_ids=[[5, 6, 7]], max_new_tokens=6).sequences[0]
+    with serving(model, ServeConfig(), runner) as base:
+        with ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(post, base, "/v1/completions",
+                              {"model": MODEL, "prompt": [POISON, 5, 6], "max_tokens": 6, "temperature": 0})
+            good = pool.submit(post, base, "/v1/completions",
+                               {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0})
+            bad, good = bad.result(), good.result()
+        assert bad.status_code == 500 and "injected" in bad.json()["error"]["message"]
+        assert good.status_code == 200
+        assert good.json()["choices"][0]["text"] == model.decode(expected)
+        assert health(base) == {"status": "ok", "running": 0}
     model.close()
 
 

@@ -137,7 +137,12 @@ class EngineLoop:
 
     def _deliver(self, session: DecodeSession) -> None:
         for seq in session.finished:
-            self._listeners.pop(seq.index).on_finish(seq)
+            listener = self._listeners.pop(seq.index)
+            if seq.error is not None:  # its batch failed inside the engine; the session went on
+                log.error("request %d failed in the engine: %s", seq.index, seq.error)
+                listener.on_error(seq, seq.error)
+            else:
+                listener.on_finish(seq)
         session.finished.clear()
 
     def _fail_all(self, dropped: list[Sequence], exc: BaseException) -> None:
