@@ -82,3 +82,20 @@ def test_markdown_names_the_reference(tmp_path: Path) -> None:
                         "same_tokens": False, "mismatched_sequences": 1}]}
     text = markdown(doc)
     assert "no (1 differ)" in text and "token_reference**: all-in-memory, batch 1" in text
+
+
+def test_bench_runs_an_encoder_decoder_model(tmp_path: Path) -> None:
+    """Switch Transformers through the same harness: transformers' seq2seq generate vs the offloaded engine."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tests.test_switch import switch_config
+
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(switch_config(), dtype=torch.float32).save_pretrained(tmp_path / "switch")
+    config = BenchConfig(model=tmp_path / "switch", systems=["all-in-memory", "lru"],
+                         cache_sizes=[CacheSize("50%")], batch_sizes=[2], out=tmp_path / "out", max_new_tokens=5)
+    doc = run_bench(config, _prompts(vocab=8192, count=4))
+    assert doc["same_tokens"] is True
+    lru = [r for r in doc["results"] if r["system"] == "lru"][0]
+    assert lru["cache_experts"] == 16 and lru["expert_loads"] > 0 and 0 < lru["hit_ratio"] <= 1

@@ -14,13 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from expertflow.adapters import adapter_for
 from expertflow.bench.spec import BenchConfig, RunSpec
 from expertflow.bench.systems import SYSTEMS
-from expertflow.checkpoint import Checkpoint
-from expertflow.config import EngineConfig
+from expertflow.conformance import inspect_model
 from expertflow.errors import ExpertflowError
-from expertflow.loading import read_config
 
 
 @dataclass(frozen=True)
@@ -39,9 +36,9 @@ class ModelShape:
 
 
 def model_shape(model_dir: Path) -> ModelShape:
-    adapter = adapter_for(read_config(EngineConfig(model=model_dir)))
-    keys = [k for k in Checkpoint(model_dir).keys() if adapter.is_expert_tensor(k)]
-    return ModelShape(len({k.split(".")[2] for k in keys}), adapter.num_experts, adapter.top_k)
+    """MoE layers (every stack), experts per layer and top-k, as the adapter finds them: no weights read."""
+    report = inspect_model(model_dir)
+    return ModelShape(len(report.moe_layers), report.experts_per_layer, report.top_k)
 
 
 def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], offload_dir: str) -> list[RunSpec]:

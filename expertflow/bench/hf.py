@@ -15,14 +15,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
+
+from expertflow.adapters import adapter_for
 
 from expertflow.bench.spec import RunSpec
 from expertflow.bench.systems import WARMUP_TOKENS, Measured
 
 
+def _auto_class(model_dir: Path):
+    """transformers' auto class for the checkpoint (causal LM, or seq2seq for encoder-decoder MoEs)."""
+    return adapter_for(AutoConfig.from_pretrained(model_dir)).auto_class
+
+
 def run_all_in_memory(spec: RunSpec) -> Measured:
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32).eval()
+    model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32).eval()
     expert, resident = _split_bytes(model)
     sequences, seconds = _timed_generate(model, spec)
     return Measured(sequences=sequences, seconds=seconds, peak_expert_bytes=expert, resident_bytes=resident,
@@ -33,7 +40,7 @@ def run_accelerate(spec: RunSpec) -> Measured:
     from accelerate import infer_auto_device_map, init_empty_weights
 
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.model), dtype=torch.float32)
+        skeleton = _auto_class(spec.model).from_config(AutoConfig.from_pretrained(spec.model), dtype=torch.float32)
     skeleton.tie_weights()
     expert_total, resident = _split_bytes(skeleton)
     expert_each = expert_total // _experts_total(skeleton)
@@ -43,7 +50,7 @@ def run_accelerate(spec: RunSpec) -> Measured:
     device_map = infer_auto_device_map(skeleton, max_memory={"cpu": budget, "disk": 1 << 50},
                                        no_split_module_classes=experts_classes)
     with tempfile.TemporaryDirectory(dir=spec.offload_dir) as offload:
-        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32, device_map=device_map,
+        model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32, device_map=device_map,
                                                      offload_folder=offload).eval()
         sequences, seconds = _timed_generate(model, spec)
     in_memory, largest_offloaded = _placement(skeleton, device_map)
@@ -73,13 +80,21 @@ def _timed_generate(model, spec: RunSpec) -> tuple[list[list[int]], float]:
 
 @torch.inference_mode()
 def _generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad: int) -> list[list[int]]:
-    """Greedy generate for one left-padded batch -> generated ids per prompt, cut after the first EOS."""
+    """Greedy generate for one padded batch -> generated ids per prompt, cut after the first EOS.
+
+    Decoder-only prompts are left-padded and the output continues them; encoder-decoder prompts are
+    right-padded (as expertflow's seq2seq engine does: expert capacity fills in position order) and the
+    output is the decoder's, after its start token."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    seq2seq = model.config.is_encoder_decoder
+    pads = [[pad] * (width - len(p)) for p in prompts]
+    ids = torch.tensor([p + z if seq2seq else z + p for p, z in zip(prompts, pads)])
+    mask = torch.tensor([[1] * len(p) + [0] * len(z) if seq2seq else [0] * len(z) + [1] * len(p)
+                         for p, z in zip(prompts, pads)])
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, eos_token_id=sorted(eos_ids), pad_token_id=pad)
-    return [_cut_at_eos(row[width:].tolist(), eos_ids) for row in out]
+    start = 1 if seq2seq else width
+    return [_cut_at_eos(row[start:].tolist(), eos_ids) for row in out]
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

@@ -51,22 +51,44 @@ def run_engine(spec: RunSpec) -> Measured:
     model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=spec.cache_experts, policy=policy,
                                          store=spec.store, drop_page_cache=spec.drop_page_cache,
                                          predictor=spec.predictor))
+    decoder_only = model.engine.parts.adapter.kind == "decoder"
     try:
-        model.generate_many(input_ids=spec.prompts[:1], batch_size=1, max_new_tokens=WARMUP_TOKENS)
-        start = time.perf_counter()
-        out = model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, scheduler=spec.scheduler,
-                                  schedule_unit=spec.schedule_unit, max_new_tokens=spec.max_new_tokens)
-        seconds = time.perf_counter() - start
+        if decoder_only:
+            model.generate_many(input_ids=spec.prompts[:1], batch_size=1, max_new_tokens=WARMUP_TOKENS)
+            start = time.perf_counter()
+            out = model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, scheduler=spec.scheduler,
+                                      schedule_unit=spec.schedule_unit, max_new_tokens=spec.max_new_tokens)
+            seconds = time.perf_counter() - start
+            sequences, stats, notes = out.sequences, out.stats, {
+                "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)}
+        else:  # encoder-decoder: no token scheduler yet, batches in prompt order
+            sequences, stats, seconds = _generate_in_order(model, spec)
+            notes = {"scheduler": "none (encoder-decoder: batches in prompt order)"}
     finally:
         model.close()
-    stats = out.stats
-    return Measured(sequences=out.sequences, seconds=seconds, peak_expert_bytes=stats.peak_expert_bytes,
+    return Measured(sequences=sequences, seconds=seconds, peak_expert_bytes=stats.peak_expert_bytes,
                     resident_bytes=sum(p.numel() * p.element_size() for p in model.model.parameters()),
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
-                           "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
-                           "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)})
+                           "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3), **notes})
+
+
+def _generate_in_order(model, spec: RunSpec):
+    """Batches of B prompts in order through `generate`; the cache figures span the whole timed run."""
+    from expertflow.stats import RunStats
+
+    model.generate(input_ids=spec.prompts[:1], max_new_tokens=WARMUP_TOKENS)
+    before = model.cache.figures()
+    sequences: list[list[int]] = []
+    start = time.perf_counter()
+    for i in range(0, len(spec.prompts), spec.batch_size):
+        sequences += model.generate(input_ids=spec.prompts[i:i + spec.batch_size],
+                                    max_new_tokens=spec.max_new_tokens).sequences
+    seconds = time.perf_counter() - start
+    stats = RunStats.between(before, model.cache.figures(), new_tokens=sum(map(len, sequences)),
+                             prompt_tokens=sum(map(len, spec.prompts)), seconds=seconds, prefill_seconds=0.0)
+    return sequences, stats, seconds
 
 
 def _run_transformers(spec: RunSpec) -> Measured:
