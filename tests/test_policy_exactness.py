@@ -107,3 +107,20 @@ def test_expertflow_without_predictor_names_the_flag(tiny_mixtral_dir):
 def test_belady_is_simulator_only(tiny_mixtral_dir):
     with pytest.raises(ExpertflowError, match="simulate"):
         expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8, policy="belady")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("policy", ["lfu", "ring", "pregated", "expertflow"])
+def test_every_policy_is_exact_on_other_families(tiny_model_dirs, family, policy):
+    model_dir = tiny_model_dirs[family]
+    probe = expertflow.from_pretrained(model_dir)
+    layers, experts = probe.num_moe_layers, probe.num_experts
+    predictor = HashPredictor(layers, experts) if policy == "expertflow" else None
+    m = expertflow.from_pretrained(model_dir, cache_experts=2 * layers + 1, policy=policy, predictor=predictor,
+                                   transfer_ratio=2.0)
+    try:
+        out = m.generate(input_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
+        assert out.sequences == reference_generate(model_dir, PROMPTS, NEW_TOKENS,
+                                                   pad_token_id=m.engine.parts.pad_token_id)[0]
+    finally:
+        m.close()
