@@ -100,7 +100,7 @@ class Engine:
     @torch.inference_mode()
     def generate(self, input_ids: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  seed: int | None = None, record_routing: bool = False) -> GenerationOutput:
-        self._validate(input_ids, max_new_tokens)
+        check_request(input_ids, max_new_tokens, self.max_positions)
         sampler = Sampler(temperature, seed)
         eos = torch.tensor(self.parts.eos_token_ids, dtype=torch.long, device=self.device)
         ids, mask = self.left_pad(input_ids)
@@ -143,9 +143,6 @@ class Engine:
             prompt_ids=[list(p) for p in input_ids], sequences=generated, stats=stats,
             routing=[np.concatenate(r) for r in routing] if record_routing else None, last_logits=logits,
         )
-
-    def _validate(self, input_ids: list[list[int]], max_new_tokens: int) -> None:
-        check_request(input_ids, max_new_tokens, self.max_positions)
 
     def left_pad(self, input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, input_ids))

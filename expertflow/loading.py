@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -63,7 +62,7 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
         raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")
 
     # The policy checks the budget before any expert is read, so a bad budget fails fast.
-    expert_bytes = adapter.layout.numel * torch.empty((), dtype=config.torch_dtype).element_size()
+    expert_bytes = adapter.layout.nbytes(config.torch_dtype)
     capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes)
     policy = policy_class(config.policy)(capacity, layers, adapter.num_experts, adapter.top_k)
     if policy.needs_future:

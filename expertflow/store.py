@@ -30,7 +30,7 @@ class ExpertStore(ABC):
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.numel = adapter.layout.numel
-        self.expert_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self.expert_bytes = adapter.layout.nbytes(dtype)
         # Resolve every expert's tensor names once, so a missing expert fails at load time, not mid-generation.
         self.refs: dict[Key, list[TensorRef]] = {
             (layer, e): adapter.expert_refs(layer, e, available)
@@ -87,7 +87,7 @@ class DiskStore(ExpertStore):
     def read_into(self, key: Key, out: torch.Tensor) -> None:
         position = 0
         for extent in self.extents[key]:
-            numel = extent.nbytes // _itemsize(extent.dtype)
+            numel = extent.nbytes // extent.dtype.itemsize
             target = out[position : position + numel]
             direct = extent.dtype == out.dtype and out.device.type == "cpu"
             buffer = target if direct else torch.empty(numel, dtype=extent.dtype)
@@ -115,10 +115,6 @@ class DiskStore(ExpertStore):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 STORES: dict[str, type[ExpertStore]] = {"host": HostStore, "disk": DiskStore}

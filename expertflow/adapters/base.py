@@ -57,6 +57,10 @@ class ExpertLayout:
         last = self.parts[-1]
         return last.offset + last.numel
 
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's flat buffer in `dtype`: one fast-tier slot."""
+        return self.numel * dtype.itemsize
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p.name: flat[p.offset : p.offset + p.numel].view(p.shape) for p in self.parts}
 

@@ -25,7 +25,7 @@ def _config(model: Path | None) -> EngineConfig:
 def expert_bytes(model: Path | None) -> int:
     """Bytes of one expert of the traced model in float32."""
     adapter = adapter_for(read_config(_config(model)))
-    return adapter.layout.numel * torch.empty((), dtype=torch.float32).element_size()
+    return adapter.layout.nbytes(torch.float32)
 
 
 def predictions_for(traces: TraceSet, predictor: str) -> list[np.ndarray]:
