@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 
 from expertflow.api import ExpertflowModel
 from expertflow.batching import BatchRunner, Sequence

@@ -43,7 +43,7 @@ class TrainConfig:
             raise ValueError(f"epochs, batch_size must be >= 1 and max_length >= 2, got "
                              f"{self.epochs}, {self.batch_size}, {self.max_length}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr must be > 0, weight_decay and warmup_steps >= 0")
+            raise ValueError("lr must be > 0, weight_decay and warmup_steps >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.patience < 1:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertflow.errors import ExpertflowError
-from expertflow.scheduler.base import Grouping, Scheduler
+from expertflow.scheduler.base import Grouping, Scheduler, total_distinct
 from expertflow.scheduler.swap import SwapScheduler
 
 
@@ -101,14 +101,13 @@ def diverse_order(bits: list[int]) -> list[int]:
 def solve(paths: np.ndarray, batch_size: int, unit: int, node_limit: int) -> tuple[Grouping, int]:
     """Optimal grouping of validated bool paths (N, L, E) and its objective; raises ExactLimitError."""
     seed = SwapScheduler().group(paths, batch_size, unit)
-    seed_labels = seed.batch_of
     bits = bitsets(paths)
     order = diverse_order(bits)
     ordered = [bits[i] for i in order]
     suffix = [0] * (len(ordered) + 1)
     for d in range(len(ordered) - 1, -1, -1):
         suffix[d] = suffix[d + 1] | ordered[d]
-    seed_cost = sum(int(paths[list(b)].any(0).sum()) for b in seed.batches)
+    seed_cost = total_distinct(paths, seed)
     search = _Search(ordered, suffix, batch_size, unit, node_limit, seed_cost, [])
     search.run()
     if not search.best_labels:

@@ -5,7 +5,6 @@ POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as ser
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
