@@ -1,4 +1,5 @@
-"""Prompt sets by name or path: the paper's evaluation sets (alpaca, xsum, wmt16, aime24) and local files.
+"""Prompt sets by name or path: the paper's evaluation sets (alpaca, xsum, wmt16, aime24), the language-model
+corpus the embedded model was trained on (`corpus`, for predictor training data), and local files.
 
 Named sets live under the data root: `$EXPERTFLOW_DATA` if set, else `shared/data` beside the repository
 (resolved from this file, so a fresh clone placed next to `shared/` finds it). Local files:
@@ -23,6 +24,7 @@ ALPACA_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\
 XSUM_TEMPLATE = "Summarize: {document}\nSummary:"
 WMT16_TEMPLATE = "Translate to Finnish: {text}\nFinnish:"
 AIME_TEMPLATE = "Solve the problem.\n{problem}\nAnswer:"
+CORPUS_MIN_CHARS = 200  # a corpus line this long is a paragraph of prose or code, not a heading or a blank
 
 
 def data_root() -> Path:
@@ -56,11 +58,23 @@ def _load_aime24(root: Path) -> list[str]:
     return [AIME_TEMPLATE.format(problem=r["problem"]) for r in _read_jsonl(root / "eval" / "aime24.jsonl")]
 
 
+def _load_corpus(root: Path) -> list[str]:
+    """Paragraphs of every corpus file, interleaved file by file, so any slice mixes the domains (arxiv,
+    books, c4, code, wikipedia, WikiText) rather than being one of them."""
+    files = sorted((root / "corpus").glob("*.txt"))
+    if not files:
+        _check_exists(root / "corpus" / "*.txt")
+    per_file = [[line for line in _read_lines(f) if len(line) >= CORPUS_MIN_CHARS] for f in files]
+    longest = max(map(len, per_file))
+    return [paragraphs[i] for i in range(longest) for paragraphs in per_file if i < len(paragraphs)]
+
+
 NAMED_DATASETS: dict[str, Callable[[Path], list[str]]] = {
     "alpaca": _load_alpaca,
     "xsum": _load_xsum,
     "wmt16": _load_wmt16,
     "aime24": _load_aime24,
+    "corpus": _load_corpus,
 }
 LOCAL_SUFFIXES = (".jsonl", ".txt", ".json")
 

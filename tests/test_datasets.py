@@ -61,4 +61,13 @@ def test_errors_are_one_line(tmp_path: Path, name: str, match: str) -> None:
     with pytest.raises(ExpertflowError, match=match) as info:
         load_prompts(target)
     assert "\n" not in str(info.value)
-    assert set(NAMED_DATASETS) == {"alpaca", "xsum", "wmt16", "aime24"}
+    assert set(NAMED_DATASETS) == {"alpaca", "xsum", "wmt16", "aime24", "corpus"}
+
+
+@needs_data
+def test_corpus_paragraphs_interleave_the_files() -> None:
+    files = sorted((data_root() / "corpus").glob("*.txt"))
+    firsts = [next(line for line in f.read_text(encoding="utf-8").splitlines() if len(line) >= 200) for f in files]
+    prompts = load_prompts("corpus", limit=len(files))
+    assert prompts == [line.rstrip("\n") for line in firsts]
+    assert all(len(p) >= 200 for p in load_prompts("corpus", limit=200, skip=1000))
