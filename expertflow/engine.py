@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from expertflow.adapters.kv_argument import KVArgument
 from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
 from expertflow.policies import Forecast
@@ -96,6 +97,7 @@ class Engine:
         self.predictor = predictor
         self.device = next(parts.model.parameters()).device
         self.max_positions = getattr(parts.model.config, "max_position_embeddings", None)
+        self.kv_argument = KVArgument.of(parts.model.forward)  # `cache` or `past_key_values`, by transformers release
 
     @torch.inference_mode()
     def generate(self, input_ids: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -172,9 +174,9 @@ class Engine:
         The cache plans from `forecast` first, so prefetches run while the model computes."""
         self.parts.cache.begin_step(forecast)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.kv_argument.inputs(kv),
                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
+        return out.logits[:, -1, :].to(dtype=torch.float32), self.kv_argument.output(out)
 
     def _keep_prompt_routing(self, routing: list[list[np.ndarray]], mask: torch.Tensor) -> None:
         batch, width = mask.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from expertflow.adapters.kv_argument import KVArgument
 from expertflow.kv import KVBatch, merge, select
 
 PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
@@ -22,9 +23,10 @@ def _left_pad(prompts):
 
 def _forward(model, ids, batch: KVBatch | None, mask):
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
+    kv = KVArgument.of(model.forward)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=None if batch is None else batch.cache, use_cache=True)
-    return out.logits[:, -1].float(), KVBatch(out.past_key_values, mask)
+                **kv.inputs(None if batch is None else batch.cache), use_cache=True)
+    return out.logits[:, -1].float(), KVBatch(kv.output(out), mask)
 
 
 def _decode(model, batch: KVBatch, logits, steps):
