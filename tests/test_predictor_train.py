@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from expertflow.cli import main as cli_main
 from expertflow.errors import ExpertflowError
@@ -68,8 +69,9 @@ def test_predict_next_on_the_tail_equals_the_full_forward() -> None:
     assert full[1, 3:].abs().sum() == 0                                  # padding positions are zeros
 
 
-def test_incremental_steps_equal_the_full_forward_for_ragged_batches() -> None:
-    predictor = RoutingPredictor(RoutingPathModel(config()))
+@pytest.mark.parametrize("head_hidden", [0, 8])
+def test_incremental_steps_equal_the_full_forward_for_ragged_batches(head_hidden: int) -> None:
+    predictor = RoutingPredictor(RoutingPathModel(config(head_hidden=head_hidden)))
     rng = np.random.default_rng(2)
     seqs = [list(rng.integers(0, V, n)) for n in (14, 8, 9)]
     full = predictor.predict(seqs)                                        # (3, 14, L, E)
@@ -85,11 +87,23 @@ def test_incremental_steps_equal_the_full_forward_for_ragged_batches() -> None:
     torch.testing.assert_close(probs, torch.stack([full[2, cut[2] + 3], full[0, cut[0] + 3]]), atol=1e-5, rtol=1e-5)
 
 
+def test_predictors_saved_with_the_old_head_names_load_unchanged(tmp_path: Path) -> None:
+    model = RoutingPathModel(config()).eval()
+    state = {("heads." + k[len("heads.proj."):] if k.startswith("heads.proj.") else k): v
+             for k, v in model.state_dict().items()}
+    save_model(model, tmp_path / "rpp")
+    save_file(state, str(tmp_path / "rpp" / "model.safetensors"))
+    ids = torch.randint(0, V, (1, 12))
+    torch.testing.assert_close(load_model(tmp_path / "rpp")(ids), model(ids), rtol=0, atol=0)
+
+
 def test_config_validation_names_the_problem() -> None:
     with pytest.raises(ValueError, match="divisible"):
         config(d_model=30, num_heads=4)
     with pytest.raises(ValueError, match="top_k"):
         PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=9)
+    with pytest.raises(ValueError, match="head_hidden must be >= 0"):
+        config(head_hidden=-1)
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig(val_fraction=1.0)
 

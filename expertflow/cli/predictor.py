@@ -22,7 +22,8 @@ from expertflow.predictor.train import TrainConfig, train_predictor
 from expertflow.traces import TraceSet, read_traces
 
 TRAINING_NAME = "training.json"
-_MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "dropout")
+_MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "head_hidden",
+                "dropout")
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length",
                 "freeze_embeddings")
 
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --init-embeddings: keep them fixed (helps on tokens the traces never show)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for flag, kind in (("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
-                       ("decoder-layers", int), ("window", int), ("dropout", float), ("epochs", int),
+                       ("decoder-layers", int), ("window", int), ("head-hidden", int), ("dropout", float), ("epochs", int),
                        ("batch-size", int), ("lr", float), ("weight-decay", float), ("val-fraction", float),
                        ("patience", int), ("seed", int), ("max-length", int)):
         t.add_argument(f"--{flag}", type=kind, default=None)

@@ -85,7 +85,7 @@ def step(model: RoutingPathModel, state: StepState, tokens: torch.Tensor,
         y = y + block.ff(block.norm3(y))
         new_self.append((k, v))
         new_cross.append((ck, cv))
-    logits = model.heads(model.dec_norm(y))[:, 0].view(B, cfg.num_layers, cfg.num_experts)
+    logits = model.heads(model.dec_norm(y))[:, 0]                            # (B, L, E)
     advanced = StepState(*(_shift(kvs, active) for kvs in (new_enc, new_self, new_cross)),
                          valid=torch.where(active[:, None], keep[:, 1:], state.valid))
     return logits, advanced

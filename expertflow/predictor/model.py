@@ -45,6 +45,7 @@ class PredictorConfig:
     decoder_layers: int = 2
     window: int = 64           # attention span in positions, itself included
     relative_buckets: int = 32
+    head_hidden: int = 0       # 0: one linear head per layer; N: a per-layer MLP head with N hidden units
     dropout: float = 0.1
     model_name: str = ""       # the MoE model the traces came from
 
@@ -53,6 +54,8 @@ class PredictorConfig:
                      "relative_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0 (0 = linear heads), got {self.head_hidden}")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError("encoder_layers and decoder_layers must be >= 1")
         if self.d_model % self.num_heads:
@@ -157,6 +160,35 @@ class DecoderBlock(nn.Module):
         return y + self.drop(self.ff(self.norm3(y)))
 
 
+class RoutingHeads(nn.Module):
+    """The L per-layer heads, (..., D) -> (..., L, E) logits.
+
+    Linear heads read every layer's routing off one D-wide state, which bounds the L*E logits to rank D;
+    MLP heads (head_hidden > 0) give each MoE layer its own nonlinear read-out, as each MoE layer has its
+    own router over its own hidden state. The first projection of all layers runs as one matmul."""
+
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.layers, self.experts, self.hidden = cfg.num_layers, cfg.num_experts, cfg.head_hidden
+        # Start every expert at the base rate K/E, so early training does not fight a 50% prior.
+        base_rate = math.log(cfg.top_k / (cfg.num_experts - cfg.top_k + 1e-9))
+        if self.hidden == 0:
+            self.proj = nn.Linear(cfg.d_model, cfg.num_layers * cfg.num_experts)
+            nn.init.constant_(self.proj.bias, base_rate)
+            return
+        self.proj = nn.Linear(cfg.d_model, cfg.num_layers * self.hidden)
+        self.out = nn.Parameter(torch.randn(cfg.num_layers, self.hidden, cfg.num_experts) / math.sqrt(self.hidden))
+        self.out_bias = nn.Parameter(torch.full((cfg.num_layers, cfg.num_experts), base_rate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.hidden == 0:
+            return self.proj(x).view(*lead, self.layers, self.experts)
+        h = F.gelu(self.proj(x).view(-1, self.layers, self.hidden), approximate="tanh")   # (N, L, Hh)
+        logits = torch.einsum("nlh,lhe->nle", h, self.out) + self.out_bias              # (N, L, E)
+        return logits.view(*lead, self.layers, self.experts)
+
+
 class RoutingPathModel(nn.Module):
     def __init__(self, cfg: PredictorConfig) -> None:
         super().__init__()
@@ -168,11 +200,8 @@ class RoutingPathModel(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
         self.enc_norm, self.dec_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        # The L per-layer heads of E logits, stored as one (D -> L*E) projection so they run as one matmul.
-        self.heads = nn.Linear(cfg.d_model, cfg.num_layers * cfg.num_experts)
+        self.heads = RoutingHeads(cfg)
         nn.init.normal_(self.embed.weight, std=1.0)
-        # Start every expert at the base rate K/E, so early training does not fight a 50% prior.
-        nn.init.constant_(self.heads.bias, math.log(cfg.top_k / (cfg.num_experts - cfg.top_k + 1e-9)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, S) token ids -> (B, S, L, E) logits."""
@@ -189,8 +218,7 @@ class RoutingPathModel(nn.Module):
         y = x
         for block in self.decoder:
             y = block(y, memory, dec_bias, cross)
-        logits = self.heads(self.dec_norm(y))                                    # (B, S, L*E)
-        return logits.view(B, S, self.config.num_layers, self.config.num_experts)
+        return self.heads(self.dec_norm(y))                                      # (B, S, L, E)
 
     def _window_mask(self, S: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(S, device=device)
@@ -242,6 +270,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _current_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Predictors saved before the heads became a module stored them as `heads.weight`/`heads.bias`."""
+    return {(f"heads.proj.{k[len('heads.'):]}" if k in ("heads.weight", "heads.bias") else k): v
+            for k, v in state.items()}
+
+
 def load_model(directory: str | Path) -> RoutingPathModel:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -251,7 +285,7 @@ def load_model(directory: str | Path) -> RoutingPathModel:
     try:
         config = PredictorConfig(**json.loads(config_path.read_text()))
         model = RoutingPathModel(config)
-        model.load_state_dict(load_file(str(weights_path)))
+        model.load_state_dict(_current_names(load_file(str(weights_path))))
     except (json.JSONDecodeError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise ExpertflowError(f"{directory}: unreadable predictor ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
     return model.eval()
