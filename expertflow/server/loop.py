@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
-from expertflow.batching import BatchRunner, DecodeSession, Sequence
+from expertflow.batching import BatchRunner, Sequence
+from expertflow.decode_session import DecodeSession
 from expertflow.server.metrics import cache_figures
 from expertflow.server.scoring import token_logprobs
 
