@@ -103,6 +103,28 @@ def test_bad_size_and_context(capsys):
     _assert_one_line_error(rc, err, "exceeds the model's context of 1024")
 
 
+@pytest.mark.parametrize("command", [("generate", "--prompt", "hi"), ("serve",)], ids=["generate", "serve"])
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_bad_threads(capsys, tmp_path, command, threads):
+    """Checked before the model loads: the missing model directory is not what fails."""
+    rc, _, err = _run(capsys, *command, "--model", str(tmp_path / "nope"), "--threads", threads)
+    _assert_one_line_error(rc, err, f"--threads must be >= 1, got {threads}")
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generate_threads_sets_torch_threads(capsys, restore_threads):
+    torch.set_num_threads(1)
+    rc, _, _ = _run(capsys, "generate", "--prompt", "hi", "--max-new-tokens", "1", "--threads", "2")
+    assert rc == 0
+    assert torch.get_num_threads() == 2
+
+
 def test_error_as_a_user_sees_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "expertflow", "generate", "--model", str(tmp_path / "x"),
                            "--prompt", "hi"], capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from expertflow.api import ExpertflowModel, check_prompt
-from expertflow.cli.options import add_engine_options, engine_config
+from expertflow.cli.options import add_engine_options, apply_threads, engine_config
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.datasets import load_prompts
 from expertflow.errors import ExpertflowError
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     if args.prompts_file is not None:
         return run_many(args)
     check_prompt(args.prompt)  # before the model loads: a typo should not cost a load

@@ -1,11 +1,14 @@
-"""Engine flags shared by every command that runs a model, and the config they build."""
+"""Engine flags shared by every command that runs a model, the config they build, and torch's threads."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
 from expertflow.config import EngineConfig, parse_size
+from expertflow.errors import ExpertflowError
 from expertflow.policies import POLICIES
 
 
@@ -28,6 +31,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="trained routing predictor (RPP) the expertflow policy plans from")
     parser.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                         help="prefetches issued per layer window (default: no limit)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads for the engine (default: torch's own choice)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -39,3 +44,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
         predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
     )
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads when --threads was given, before the model loads.
+
+    A process setting, not part of EngineConfig: torch's OpenMP workers spin-wait between ops, so on a
+    busy machine a tiny model runs far faster on one thread than on torch's default of one per core."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ExpertflowError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)

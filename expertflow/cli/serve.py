@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expertflow.cli.options import add_engine_options, engine_config
+from expertflow.cli.options import add_engine_options, apply_threads, engine_config
 from expertflow.errors import ExpertflowError
 
 SERVE_SCHEDULERS = ("fifo", "similarity", "swap")  # kept equal to expertflow.server.SERVE_SCHEDULERS by a test
@@ -21,8 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="sequences per batch; two units of two batches run at once, so up to 4B requests "
                              "decode together (default 8)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads for the engine (default: torch's own choice)")
     parser.add_argument("--replicas", type=int, default=None, metavar="N",
                         help="run N engine replicas as Ray actors behind this server, each with its own expert "
                              "cache (needs the ray extra)")
@@ -43,14 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ExpertflowError(f"serve needs the serve extra ({exc.name} is missing): "
                               "pip install 'expertflow-moe[serve]'") from exc
-    import torch
-
     from expertflow.api import ExpertflowModel
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ExpertflowError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     try:
         config = ServeConfig(host=args.host, port=args.port, scheduler=args.scheduler,
                              max_batch_size=args.max_batch_size)
