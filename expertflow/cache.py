@@ -62,14 +62,15 @@ class ExpertCache:
     def expert_bytes(self) -> int:
         return self.store.expert_bytes
 
-    def begin_step(self, forecast: Forecast | None) -> None:
-        """A forward starts: the policy plans and the first window's prefetches go out."""
+    def begin_step(self, forecast: Forecast | None, layers: Sequence[int] | None = None) -> None:
+        """A forward over `layers` (default: every MoE layer) starts: the policy plans and the first
+        window's prefetches go out."""
         with self._lock:
-            self._issue(self.planner.begin_step(forecast))
+            self._issue(self.planner.begin_step(forecast, layers))
 
     def route(self, layer: int, keys: Sequence[Key]) -> None:
         with self._lock:
-            self.planner.route(layer, keys)
+            self._issue(self.planner.route(layer, keys))
 
     def finish_layer(self, layer: int) -> None:
         with self._lock:

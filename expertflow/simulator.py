@@ -2,8 +2,12 @@
 
 Sequences are grouped into decode batches as the engine runs them (consecutive groups of B, one prefill
 forward, then one forward per generated token over the sequences still running). Each forward walks
-the MoE layers in order: route, demand uses of the layer's unique experts (ascending id, as the engine
-acquires them), next layer's transfer window. Time is virtual: `transfer_ratio` expert loads fit in one
+its MoE layers in order: route, demand uses of the layer's unique experts (ascending id, as the engine
+acquires them), next layer's transfer window. A forward's layers are those its tokens pass: every
+MoE layer for a decoder-only model; for an encoder-decoder one (Switch) the encoder's in the prompt
+forward and the decoder's in each decode forward, told apart by which layers the traces' prompt and
+generated rows are routed at (the other stack holds NO_EXPERT). The live engine's decoder-start forward
+has no row in a trace, so it is not replayed. Time is virtual: `transfer_ratio` expert loads fit in one
 layer's compute. No torch here.
 
 Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from expertflow.policies import Forecast, Key, policy_class
-from expertflow.policies.forecast import batch_forecast
+from expertflow.policies.forecast import batch_forecast, restrict
 from expertflow.policies.planner import CachePlanner
 from expertflow.residency import CacheCounters, Residency
 from expertflow.traces import NO_EXPERT, TraceSet
@@ -25,11 +29,13 @@ from expertflow.traces import NO_EXPERT, TraceSet
 
 @dataclass(frozen=True)
 class Forward:
-    """One model forward: per MoE layer (in order) the sorted unique experts it uses, and its forecast."""
+    """One model forward: per MoE layer (in order) the sorted unique experts it uses, its forecast, and
+    the MoE layers it runs (None: every one)."""
 
     experts: tuple[tuple[int, ...], ...]
     forecast: Forecast | None
     prefill: bool
+    layers: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,27 +65,41 @@ def batch_forwards(traces: TraceSet, batch_size: int,
                    predictions: Sequence[np.ndarray] | None = None) -> list[Forward]:
     """The forwards the engine would run; `predictions` (per sequence (T, L, E)) give each its forecast."""
     layers = list(range(traces.header.num_layers))
+    prompt_layers, decode_layers = forward_layers(traces)
     forwards: list[Forward] = []
     seqs = traces.sequences
     for start in range(0, len(seqs), batch_size):
         group = list(range(start, min(start + batch_size, len(seqs))))
         prompt = [(i, np.arange(len(seqs[i].prompt_ids))) for i in group]
-        forwards.append(_forward(traces, prompt, predictions, layers, prefill=True))
+        forwards.append(_forward(traces, prompt, predictions, layers, prompt_layers, prefill=True))
         for j in range(max(len(seqs[i].generated_ids) for i in group)):
             active = [(i, np.array([len(seqs[i].prompt_ids) + j])) for i in group if j < len(seqs[i].generated_ids)]
-            forwards.append(_forward(traces, active, predictions, layers, prefill=False))
+            forwards.append(_forward(traces, active, predictions, layers, decode_layers, prefill=False))
     return forwards
 
 
+def forward_layers(traces: TraceSet) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The MoE layers a prompt forward and a decode forward run: those some prompt (generated) token of
+    the traces is routed at. Every layer for a decoder-only model; the encoder's and the decoder's for an
+    encoder-decoder one (a capacity drop never empties a layer: each expert takes its first tokens)."""
+    routed_prompt = np.zeros(traces.header.num_layers, dtype=bool)
+    routed_generated = np.zeros(traces.header.num_layers, dtype=bool)
+    for seq in traces.sequences:
+        routed = (seq.routing != NO_EXPERT).any(axis=2)                                 # (T, L)
+        routed_prompt |= routed[: len(seq.prompt_ids)].any(axis=0)
+        routed_generated |= routed[len(seq.prompt_ids):].any(axis=0)
+    return tuple(np.flatnonzero(routed_prompt).tolist()), tuple(np.flatnonzero(routed_generated).tolist())
+
+
 def _forward(traces: TraceSet, rows: list[tuple[int, np.ndarray]], predictions: Sequence[np.ndarray] | None,
-             layers: list[int], prefill: bool) -> Forward:
+             layers: list[int], runs: tuple[int, ...], prefill: bool) -> Forward:
     routing = np.concatenate([traces.sequences[i].routing[pos] for i, pos in rows])        # (N, L, K)
     # NO_EXPERT entries (a token of the other stack, or dropped for capacity) use no expert.
     experts = tuple(tuple(np.unique(col[col != NO_EXPERT]).tolist()) for col in routing.transpose(1, 0, 2))
     forecast = None
     if predictions is not None:
-        forecast = batch_forecast(np.concatenate([predictions[i][pos] for i, pos in rows]), layers)
-    return Forward(experts, forecast, prefill)
+        forecast = restrict(batch_forecast(np.concatenate([predictions[i][pos] for i, pos in rows]), layers), runs)
+    return Forward(experts, forecast, prefill, runs)
 
 
 def accesses(forwards: Sequence[Forward], layers: Sequence[int]) -> list[Key]:
@@ -107,10 +127,11 @@ def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: in
 
 
 def replay_forward(planner: CachePlanner, fw: Forward, layers: Sequence[int]) -> None:
-    """One forward, in the order OffloadedExperts drives the live cache."""
-    planner.begin_step(fw.forecast)
+    """One forward over its layers, in the order OffloadedExperts drives the live cache."""
+    runs = set(layers if fw.layers is None else fw.layers)
+    planner.begin_step(fw.forecast, None if fw.layers is None else fw.layers)
     for layer, experts in zip(layers, fw.experts):
-        if not experts:  # a layer this forward does not run: the encoder's in a decoder step, and vice versa
+        if layer not in runs:  # the encoder's in a decoder step, and vice versa
             continue
         keys = [(layer, e) for e in experts]
         planner.route(layer, keys)

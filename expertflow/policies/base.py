@@ -6,6 +6,11 @@ coming forward) and return the keys to prefetch, most urgent first; when a layer
 known they hear of it (`on_layer`) and may queue more prefetches (run-time correction, ring and
 pre-gated lookahead). A prefetch may be declined (`admit`) when nothing resident is worth less.
 
+A forward need not run every MoE layer: an encoder-decoder model's encoder forward runs the encoder's
+layers only, and each decoder step the decoder's. `begin_forward(layers)` names the forward's layers
+before `plan`; `position` and the lookahead are within them, and a key of another layer is not needed
+by this forward (a decoder-only model's forwards run every layer, so nothing changes for it).
+
 Policies are pure Python, so the live engine and the trace simulator drive the very same objects, through
 the same `CachePlanner`, and count the same loads.
 """
@@ -35,7 +40,7 @@ class CachePolicy(ABC):
         self.layers = list(layers)
         self.num_experts = num_experts
         self.top_k = top_k
-        self._position = {layer: i for i, layer in enumerate(self.layers)}
+        self.begin_forward(self.layers)
         minimum = self.min_capacity(self.layers, num_experts, top_k)
         if capacity < minimum:
             raise ExpertflowError(
@@ -58,6 +63,13 @@ class CachePolicy(ABC):
     def initial_residents(self) -> list[Key]:
         """Experts to load before the first forward (empty for demand-paged policies)."""
         return []
+
+    def begin_forward(self, layers: Sequence[int]) -> None:
+        """A forward over `layers` (in the order it runs them) starts; `plan` follows."""
+        if not layers or not set(layers) <= set(self.layers):
+            raise ValueError(f"a forward runs some of the MoE layers {self.layers}, got {list(layers)}")
+        self.forward_layers = list(layers)
+        self._position = {layer: i for i, layer in enumerate(self.forward_layers)}
 
     def plan(self, forecast: Forecast | None) -> list[Key]:
         """A forward is about to start: the keys to prefetch for it, most urgent first."""
@@ -89,6 +101,10 @@ class CachePolicy(ABC):
 
         `full` says whether the pool has no free slot; `pinned` residents are in use and must stay."""
 
+    def in_forward(self, layer: int) -> bool:
+        """Whether the current forward runs `layer`."""
+        return layer in self._position
+
     def position(self, layer: int) -> int:
-        """The layer's place in a forward (0 = first MoE layer)."""
+        """The layer's place in the current forward (0 = its first MoE layer); the layer must be in it."""
         return self._position[layer]

@@ -5,11 +5,11 @@ Shape legend: N tokens of one forward (all sequences' new positions), L MoE laye
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from expertflow.policies.base import Key
+from expertflow.policies.base import Forecast, Key
 
 FLOOR = 0.01  # keys less likely than this are left out of a forecast (policies read absent as ~0)
 
@@ -21,6 +21,11 @@ def batch_forecast(probs: np.ndarray, layers: Sequence[int]) -> dict[Key, float]
     used = -np.expm1(np.log1p(-probs).sum(axis=0))  # (L, E): 1 - prod(1 - p)
     rows, cols = np.nonzero(used >= FLOOR)
     return {(layers[i], int(e)): float(used[i, e]) for i, e in zip(rows.tolist(), cols.tolist())}
+
+
+def restrict(forecast: Forecast, layers: Collection[int]) -> dict[Key, float]:
+    """The forecast's keys of `layers` only: what a forward that runs just those layers can use."""
+    return {key: p for key, p in forecast.items() if key[0] in layers}
 
 
 def one_hot_routing(routing: np.ndarray, num_experts: int) -> np.ndarray:

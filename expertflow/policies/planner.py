@@ -1,14 +1,15 @@
 """One forward through the cache, in the order both the live engine and the simulator follow.
 
-    begin_step(forecast)        the policy plans; the first layer's transfer window opens
-    for each MoE layer:
+    begin_step(forecast, layers)  the policy plans; the first layer's transfer window opens
+    for each MoE layer of the forward (`layers`: all of them unless the model has several stacks):
         route(layer, keys)      the real routing is known: the policy corrects / looks ahead
         (demand uses of keys)   `Residency.use`: a miss is a demand load, ahead of any prefetch
         finish_layer(layer)     the next layer's transfer window opens
 
 The transfer clock: a window is the compute between two layers' expert runs, and fits `transfer_ratio`
 expert loads (None = unlimited). Prefetches are issued from the queue while the window has room; a key
-whose layer has already run is dropped (too late); one the policy declines waits for a later window. A prefetch issued in the window before a layer counts
+whose layer has already run is dropped (too late), as is one whose layer this forward does not run
+(an encoder key during a decoder step: it would be speculation for some later forward); one the policy declines waits for a later window. A prefetch issued in the window before a layer counts
 as resident when that layer runs, so a policy cannot "hit" by prefetching everything at once. Demand
 loads stall the layer instead and do not use window room. The live engine issues the same prefetches
 at the same points to its transfer worker, so both count the same loads.
@@ -37,26 +38,35 @@ class CachePlanner:
         self._room = 0.0
         self._ran = -1  # position of the last layer routed in this forward
 
-    def begin_step(self, forecast: Forecast | None) -> list[Issued]:
-        """A forward starts: queue the policy's plan and open the first layer's window."""
+    def begin_step(self, forecast: Forecast | None, layers: Sequence[int] | None = None) -> list[Issued]:
+        """A forward over `layers` (default: every MoE layer) starts: queue the policy's plan and open
+        the first layer's window."""
         self._ran = -1
+        self.policy.begin_forward(self.policy.layers if layers is None else layers)
         self._queue = deque(self.policy.plan(forecast))
         return self._window()
 
-    def route(self, layer: int, keys: Sequence[Key]) -> None:
+    def route(self, layer: int, keys: Sequence[Key]) -> list[Issued]:
+        """`layer`'s routing is known; returns the prefetches of an implicit begin_step, if one was needed."""
+        issued: list[Issued] = []
+        if not self.policy.in_forward(layer) or self.policy.position(layer) <= self._ran:
+            issued = self.begin_step(None)  # a forward started without begin_step (e.g. a direct model call)
         position = self.policy.position(layer)
-        if position <= self._ran:  # a forward started without begin_step (e.g. a direct model call)
-            self.begin_step(None)
         self._ran = position
         lookahead = self.policy.on_layer(layer, keys)
-        later = [k for k in self._queue if self.policy.position(k[0]) > position]
+        later = [k for k in self._queue if self._ahead(k)]
         self._queue = deque(dict.fromkeys([*lookahead, *later]))
+        return issued
 
     def finish_layer(self, layer: int) -> list[Issued]:
-        """`layer`'s experts ran: open the window before the next layer (none after the last)."""
-        if self.policy.position(layer) == len(self.policy.layers) - 1:
+        """`layer`'s experts ran: open the window before the next layer (none after the forward's last)."""
+        if self.policy.position(layer) == len(self.policy.forward_layers) - 1:
             return []
         return self._window()
+
+    def _ahead(self, key: Key) -> bool:
+        """Whether this forward has still to run `key`'s layer."""
+        return self.policy.in_forward(key[0]) and self.policy.position(key[0]) > self._ran
 
     def _window(self) -> list[Issued]:
         self._room = math.inf if self.transfer_ratio is None else self._room + self.transfer_ratio
@@ -64,7 +74,7 @@ class CachePlanner:
         kept: deque[Key] = deque()  # declined or out of room: retried in later windows, until too late
         while self._queue:
             key = self._queue.popleft()
-            if self.policy.position(key[0]) <= self._ran or key in self.residency:
+            if not self._ahead(key) or key in self.residency:
                 continue
             placement = self.residency.prefetch(key) if self._room >= 1 else None
             if placement is None:

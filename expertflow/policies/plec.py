@@ -3,12 +3,16 @@
 Every resident holds its slot by a keep value, the chance it is used soon, discounted per layer until use:
     value = p * BETA**d + (1 - p) * u * BETA**(d + L)     for a key whose layer runs d layers from now
     value = u * BETA**(d + L)                               for a key whose layer already ran this forward
-p is the forecast (the RPP's batch-level probability for the coming forward), u a running estimate of
+    value = u * BETA**(L - r + L_all)                       for a key whose layer this forward does not run
+where distances count layers of the forward (L of them, r the running one's position; L_all every MoE
+layer): an encoder-decoder model's encoder forward and decoder steps each run one stack, and a key of
+the other stack is needed by no layer of this forward, so it is worth less than any key of the forward
+with the same usage. p is the forecast (the RPP's batch-level probability for the coming forward), u a running estimate of
 per-forward use (exponential moving average). The paper's parts, in these terms:
 - slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
   its keys out-value others', so layers with more likely experts get more slots, no fixed quota;
-- the most probable experts prefetched before execution: the plan lists keys with p >= THRESHOLD, by
-  layer (deadline) then probability, and a prefetch is admitted only when it out-values the cheapest
+- the most probable experts prefetched before execution: the plan lists the forward's keys with
+  p >= THRESHOLD, by layer (deadline) then probability, and a prefetch is admitted only when it out-values the cheapest
   resident;
 - finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
   next-forward use, so the following windows hand their slots to later layers' predicted experts;
@@ -47,7 +51,7 @@ class PLECPolicy(CachePolicy):
     def plan(self, forecast: Forecast | None) -> list[Key]:
         self._forward += 1
         self._running = -1
-        self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0}
+        self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0 and self.in_forward(k[0])}
         self._mispredicted -= {k for k, p in self._forecast.items() if p >= THRESHOLD}
         self._cheapest = None
         wanted = [k for k, p in self._forecast.items() if p >= THRESHOLD]
@@ -77,8 +81,11 @@ class PLECPolicy(CachePolicy):
             return 2.0
         if key in self._mispredicted:
             return 0.0
+        steps = len(self.forward_layers)
+        if not self.in_forward(key[0]):
+            return self._u(key) * BETA ** (steps - self._running + len(self.layers))
         distance = self.position(key[0]) - self._running
-        later = self._u(key) * BETA ** (distance + len(self.layers))
+        later = self._u(key) * BETA ** (distance + steps)
         if distance <= 0:
             return later
         p = self._forecast.get(key, 0.0)

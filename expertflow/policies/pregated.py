@@ -5,6 +5,8 @@ states, so this predictor reads what the traces do hold: layer l's selected expe
 from every forward it sees (live or replayed, identically), how often each expert of layer l+1 follows
 each expert of layer l, and prefetches as many of the most likely next-layer experts as layer l used.
 Eviction is global LRU. The first layer of a forward has no previous layer, so it is demand-paged.
+"Next layer" is within the forward: an encoder-decoder model's last encoder layer predicts nothing (the
+decoder runs in other forwards) and a decoder step looks ahead only to decoder layers.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ class PregatedPolicy(CachePolicy):
         position = self.position(layer)
         experts = [key[1] for key in used]
         if self._previous is not None and self._previous[0] == position - 1:
-            self._learn(self.layers[position - 1], self._previous[1], experts)
+            self._learn(self.forward_layers[position - 1], self._previous[1], experts)
         self._previous = (position, experts)
-        if position + 1 == len(self.layers):
+        if position + 1 == len(self.forward_layers):
             return []
-        return self._predict(layer, experts, self.layers[position + 1])
+        return self._predict(layer, experts, self.forward_layers[position + 1])
 
     def _learn(self, layer: int, experts: list[int], following: list[int]) -> None:
         for e in experts:

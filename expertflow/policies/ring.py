@@ -4,6 +4,11 @@ No predictor: each layer's half holds min(E, capacity // 2) experts, so with roo
 expert of the next layer is loaded; with less, the next layer's most used experts so far. Slots beyond
 the two-layer ring keep older layers' experts. Eviction follows the ring: the layer that will run last
 (the one that just finished) goes first, its least used expert first.
+
+The ring is the current forward's layers: a decoder step of an encoder-decoder model looks ahead only
+to decoder layers (its last layer has no next one; the coming forward's plan fills the first). Layers
+the forward does not run are taken as the farthest from use and are evicted before any of its own,
+the last of them first.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class RingPolicy(CachePolicy):
         self.half = min(num_experts, capacity // 2)
         self.uses: Counter[Key] = Counter()
         self._resident: dict[int, set[Key]] = {layer: set() for layer in self.layers}
-        self._running = len(self.layers) - 1  # position of the layer now running; plan() precedes the first
+        self._running = len(self.layers) - 1  # position in the forward of the layer now running
 
     @classmethod
     def min_capacity(cls, layers: Sequence[int], num_experts: int, top_k: int) -> int:
@@ -34,15 +39,15 @@ class RingPolicy(CachePolicy):
         return f"its ring holds two layers of at least top_k={top_k} experts"
 
     def plan(self, forecast: Forecast | None) -> list[Key]:
-        self._running = len(self.layers) - 1
-        return self._fill(self.layers[0])
+        self._running = len(self.forward_layers) - 1
+        return self._fill(self.forward_layers[0])
 
     def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
         self._running = self.position(layer)
         self.uses.update(used)
-        if self._running + 1 == len(self.layers):
+        if self._running + 1 == len(self.forward_layers):
             return []
-        return self._fill(self.layers[self._running + 1])
+        return self._fill(self.forward_layers[self._running + 1])
 
     def _fill(self, layer: int) -> list[Key]:
         """The layer's `half` most used experts so far (ties: lower id), most used first."""
@@ -50,15 +55,20 @@ class RingPolicy(CachePolicy):
         return [(layer, e) for e in ranked[: self.half]]
 
     def _by_distance(self) -> list[int]:
-        """Layers from the one that runs last to the running one (the ring's eviction order)."""
-        n = len(self.layers)
-        return [self.layers[(self._running + d) % n] for d in range(n - 1, -1, -1)]
+        """Layers from the one that runs last to the running one (the ring's eviction order): first those
+        this forward does not run, then its own around the ring."""
+        ring = self.forward_layers
+        others = [layer for layer in reversed(self.layers) if not self.in_forward(layer)]
+        n = len(ring)
+        return [*others, *(ring[(self._running + d) % n] for d in range(n - 1, -1, -1))]
 
     def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
         if not full:
             return True
         # The ring never pushes out the running layer or the next one to make room.
-        return any(k not in pinned for layer in self._by_distance()[:-2] for k in self._resident[layer])
+        order = self._by_distance()
+        evictable = order[: len(order) - min(2, len(self.forward_layers))]
+        return any(k not in pinned for layer in evictable for k in self._resident[layer])
 
     def on_hit(self, key: Key) -> None:
         return None
