@@ -20,10 +20,11 @@ import numpy as np
 
 
 def routing_mask(routing: np.ndarray, num_experts: int) -> np.ndarray:
-    """(N, L, K) expert ids -> (N, L, E) bool."""
-    mask = np.zeros((*routing.shape[:2], num_experts), dtype=bool)
-    np.put_along_axis(mask, routing.astype(np.int64), True, axis=-1)
-    return mask
+    """(N, L, K) expert ids -> (N, L, E) bool. A NO_EXPERT (-1) entry sets no expert (as an index it
+    would wrap around to expert E-1)."""
+    mask = np.zeros((*routing.shape[:2], num_experts + 1), dtype=bool)  # last column catches NO_EXPERT
+    np.put_along_axis(mask, np.where(routing < 0, num_experts, routing).astype(np.int64), True, axis=-1)
+    return mask[..., :num_experts]
 
 
 def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:

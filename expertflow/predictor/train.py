@@ -2,7 +2,11 @@
 
 Shape legend: B sequences per step, S positions (right-padded), L layers, E experts.
 
-Every token of a trace (prompt and generated) is a training example. The train/validation split is by
+Every token of a trace (prompt and generated) is a training example, at the layers it was routed at: a
+layer whose entries are all NO_EXPERT (-1: the other stack of an encoder-decoder model, or a token the
+router dropped for capacity) is left out of the loss and the recall, not taught as "no expert"; the
+predictor cannot tell a prompt token from a generated one, so for Switch the same network learns encoder
+layers from prompt rows and decoder layers from generated rows. The train/validation split is by
 prompt (all runs of a prompt land on the same side), so validation measures unseen prompts rather than
 resampled continuations of training prompts. The best validation-loss weights are kept; training stops
 after `patience` epochs without improvement.
@@ -22,7 +26,7 @@ from tqdm import tqdm
 
 from expertflow.predictor.metrics import routing_mask
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel
-from expertflow.traces import TraceSequence, TraceSet
+from expertflow.traces import NO_EXPERT, TraceSequence, TraceSet
 
 
 @dataclass(frozen=True)
@@ -86,16 +90,17 @@ def _pieces(seqs: Sequence[TraceSequence], max_length: int) -> list[tuple[np.nda
 
 def _collate(pieces: Sequence[tuple[np.ndarray, np.ndarray]], num_experts: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ids (B, S) long, targets (B, S, L, E) float, valid (B, S) bool."""
+    """-> ids (B, S) long, targets (B, S, L, E) float, valid (B, S, L) bool: real positions at the layers
+    they were routed at."""
     S = max(len(ids) for ids, _ in pieces)
     L = pieces[0][1].shape[1]
     ids = torch.zeros(len(pieces), S, dtype=torch.long)
     targets = torch.zeros(len(pieces), S, L, num_experts)
-    valid = torch.zeros(len(pieces), S, dtype=torch.bool)
+    valid = torch.zeros(len(pieces), S, L, dtype=torch.bool)
     for i, (tok, routing) in enumerate(pieces):
         ids[i, : len(tok)] = torch.from_numpy(tok.astype(np.int64))
         targets[i, : len(tok)] = torch.from_numpy(routing_mask(routing, num_experts))
-        valid[i, : len(tok)] = True
+        valid[i, : len(tok)] = torch.from_numpy((routing != NO_EXPERT).any(axis=-1))
     return ids, targets, valid
 
 
@@ -111,11 +116,11 @@ def _batches(pieces: list, batch_size: int, rng: np.random.Generator | None) -> 
 def _loss(model: RoutingPathModel, batch: list, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     ids, targets, valid = _collate(batch, num_experts)
     logits = model(ids)                                                         # (B, S, L, E)
-    per_token = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((-1, -2))
-    loss = (per_token * valid).sum() / valid.sum()
+    per_layer = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)  # (B, S, L)
+    loss = (per_layer * valid).sum() / valid.sum().clamp(min=1)
     k = model.config.top_k
     top = logits.topk(k, dim=-1).indices                                        # (B, S, L, K)
-    hits = targets.gather(-1, top).sum(-1).mean(-1) / k                         # (B, S) token top-k recall
+    hits = targets.gather(-1, top).sum(-1) / k                                  # (B, S, L) top-k recall
     return loss, (hits * valid).sum(), int(valid.sum())
 
 
