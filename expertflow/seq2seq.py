@@ -13,6 +13,15 @@ routing of the forward that takes it as input, as engine.py records decoder-only
 token costs one more forward when recording, and the start token's forward has no row). Layers a token
 never passes, and tokens the router dropped for capacity, hold -1.
 
+Each forward tells the cache which MoE layers it runs (the encoder's, or the decoder's), so policies
+plan and look ahead within them. With a routing predictor (RPP, trained on such traces: a prompt row's
+targets are its encoder layers, a generated row's its decoder layers, -1 layers masked out), the
+encode forward's forecast is the RPP over the prompt positions, restricted to encoder layers, and the
+decoder forward that takes generated token g as input gets the RPP's incremental row for g's position,
+restricted to decoder layers. The start-token forward gets no forecast: the start token is not a token
+of the sequence, so the RPP has no trained row for it (the last prompt row's decoder columns were
+masked out of training); it is demand-paged, like any forward without a forecast.
+
 Shape legend: B sequences, S prompt positions, V vocabulary, L MoE layers, K top_k (1).
 """
 
@@ -23,20 +32,18 @@ import time
 import numpy as np
 import torch
 
-from expertflow.engine import GenerationOutput, Predictor, Sampler, check_request, sample_step
+from expertflow.engine import GenerationOutput, Predictor, Sampler, StepForecaster, check_request, sample_step
 from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
+from expertflow.policies import Forecast
+from expertflow.policies.forecast import batch_forecast, restrict
 from expertflow.routing import RoutingRecorder
 from expertflow.stats import RunStats
 from expertflow.traces import NO_EXPERT
 
 
-
 class Seq2SeqEngine:
     def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder, predictor: Predictor | None = None) -> None:
-        if predictor is not None:
-            raise ExpertflowError("routing predictors do not support encoder-decoder models yet; "
-                                  "pick a policy that needs no --predictor")
         self.parts = parts
         self.model = parts.model
         self.recorder = recorder
@@ -46,6 +53,8 @@ class Seq2SeqEngine:
             raise ExpertflowError(f"{parts.name} is not an encoder-decoder model; run it with the decoder engine")
         self.encoder_layers, self.decoder_layers = stacks["encoder"], stacks["decoder"]
         self.start_token_id = decoder_start_token_id(parts)
+        # Forecasts only when the policy plans from them: the RPP's cost buys nothing otherwise.
+        self.predictor = predictor if parts.policy.uses_forecast else None
 
     @torch.inference_mode()
     def generate(self, input_ids: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -62,27 +71,29 @@ class Seq2SeqEngine:
         before = self.parts.cache.figures()
         start = time.perf_counter()
 
-        encoded = self._encode(ids, mask)
+        encoded = self._encode(ids, mask, self._prompt_forecast(input_ids))
         if record_routing:  # (B, S, L_enc, K)
             encoder = self._take(self.encoder_layers, ids.numel()).reshape(*ids.shape, len(self.encoder_layers), -1)
         prefill_seconds = time.perf_counter() - start
+        forecaster = self._forecaster(input_ids)
         token = torch.full((batch,), self.start_token_id, dtype=torch.long, device=self.device)
-        logits, kv = self._decode(token, encoded, mask, None)
+        logits, kv = self._decode(token, encoded, mask, None, None)
         if record_routing:
             self._take(self.decoder_layers, batch)  # the start token is no token of the sequence: no row
         for step in range(max_new_tokens):
             token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            logits, kv = self._decode(token, encoded, mask, kv)
+            logits, kv = self._decode(token, encoded, mask, kv, self._step_forecast(forecaster, generated, step))
             if record_routing:
                 self._keep_step(steps, generated, step)
         seconds = time.perf_counter() - start
 
         if record_routing:  # the last generated tokens have not been through the decoder yet
             last = torch.tensor([g[-1] for g in generated], device=self.device)
-            self._decode(last, encoded, mask, kv)
-            self._keep_step(steps, generated, max(map(len, generated)) - 1)
+            step = max(map(len, generated)) - 1
+            self._decode(last, encoded, mask, kv, self._step_forecast(forecaster, generated, step))
+            self._keep_step(steps, generated, step)
         self.recorder.enabled = False
 
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(map(len, generated)),
@@ -102,14 +113,35 @@ class Seq2SeqEngine:
             mask[b, : len(prompt)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor):
+    def _prompt_forecast(self, input_ids: list[list[int]]) -> Forecast | None:
+        """The RPP over every prompt position, restricted to the encoder's layers."""
+        if self.predictor is None:
+            return None
+        probs = self.predictor.predict(input_ids).flatten(0, 1)  # (B * S, L, E); zeros past a prompt's end
+        return restrict(batch_forecast(probs.float().cpu().numpy(), self.parts.layers), self.encoder_layers)
+
+    def _forecaster(self, input_ids: list[list[int]]) -> StepForecaster | None:
+        """The RPP's incremental state per sequence, after its prompt (the rows before the first generated token)."""
+        return None if self.predictor is None else StepForecaster(self.predictor, self.parts.layers, input_ids)
+
+    def _step_forecast(self, forecaster: StepForecaster | None, generated: list[list[int]],
+                       step: int) -> Forecast | None:
+        """Forecast of the decoder forward that takes generated token `step` as input, for the sequences
+        that have one (the others feed padding), restricted to the decoder's layers."""
+        if forecaster is None:
+            return None
+        rows = [b for b, tokens in enumerate(generated) if len(tokens) > step]
+        tokens = [tokens[step] if len(tokens) > step else self.parts.pad_token_id for tokens in generated]
+        return restrict(forecaster.next(tokens, rows), self.decoder_layers)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, forecast: Forecast | None):
         """The encoder's output (last_hidden_state (B, S, H)); its MoE layers are one forward through the cache."""
-        self.parts.cache.begin_step(None)
+        self.parts.cache.begin_step(forecast, self.encoder_layers)
         return self.model.get_encoder()(input_ids=ids, attention_mask=mask)
 
-    def _decode(self, token: torch.Tensor, encoded, mask: torch.Tensor, kv):
+    def _decode(self, token: torch.Tensor, encoded, mask: torch.Tensor, kv, forecast: Forecast | None):
         """One decoder forward on the newest tokens (B,); returns logits (B, V) float32 and the KV cache."""
-        self.parts.cache.begin_step(None)
+        self.parts.cache.begin_step(forecast, self.decoder_layers)
         out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=token[:, None],
                          past_key_values=kv, use_cache=True)
         return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
