@@ -137,7 +137,7 @@ def test_every_live_policy_matches_transformers(switch_dir, reference, policy):
         assert out.stats.expert_loads == out.stats.prefetch_loads + out.stats.correction_loads
 
 
-def test_forecasting_policy_is_refused_in_one_line(switch_dir):
+def test_forecasting_policy_without_a_predictor_is_refused_in_one_line(switch_dir):
     forecasting = [name for name, cls in POLICIES.items() if cls.uses_forecast and not cls.needs_future]
     for policy in forecasting:
         with pytest.raises(ExpertflowError, match="predictor") as err:

@@ -102,6 +102,19 @@ def test_generate_cli_with_a_predictor(switch_dir, trained, capsys):
     assert result["expert_loads"] > 0
 
 
+def test_bench_runs_expertflow_on_switch(switch_dir, trained, tmp_path):
+    """The bench's expertflow system (an RPP) on an encoder-decoder model: same tokens as transformers."""
+    from expertflow.bench.harness import run_bench
+    from expertflow.bench.spec import BenchConfig, CacheSize
+
+    config = BenchConfig(model=switch_dir, systems=["all-in-memory", "expertflow"], cache_sizes=[CacheSize("25%")],
+                         batch_sizes=[2], out=tmp_path / "out", max_new_tokens=5, predictor=trained[1])
+    doc = run_bench(config, [[5, 17, 33, 8], [70, 3, 9, 44, 2], [11, 12, 13, 14, 15, 16]])
+    assert doc["same_tokens"] is True
+    run = [r for r in doc["results"] if r["system"] == "expertflow"][0]
+    assert run["cache_experts"] == 8 and run["expert_loads"] > 0
+
+
 class ForwardLog(RoutingRecorder):
     """Keeps every forward's routing the engine takes, the decoder-start forward's too (traces drop it)."""
 
