@@ -1,0 +1,130 @@
+"""Micro-benchmark: does the disk serve several expert reads at once faster than one after another?
+
+Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)` from 1, 2, 4, 8 threads at
+once, each thread reading its own distinct experts into its own buffer, the page cache of every
+checkpoint file dropped before each pass (so every read reaches the device). Reports the aggregate
+MB/s, the wall time per expert (what a transfer worker pays per load) and each read's own latency;
+repeats the sweep and keeps the median pass. Prints a table and a final JSON line.
+
+    python bench/disk_reads.py [--model results/widened/tiny-mixtral-32e-i4096] [--threads 1,2,4,8]
+                               [--experts 48] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared; the reads need no torch threads
+
+import torch  # noqa: E402  (after the thread setting, which torch reads at import)
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from expertflow.adapters import adapter_for  # noqa: E402
+from expertflow.checkpoint import Checkpoint  # noqa: E402
+from expertflow.config import EngineConfig  # noqa: E402
+from expertflow.loading import read_config  # noqa: E402
+from expertflow.store import DiskStore, Key  # noqa: E402
+
+DEFAULT_MODEL = Path("results/widened/tiny-mixtral-32e-i4096")
+
+
+def open_store(model_dir: Path) -> DiskStore:
+    config = EngineConfig(model=model_dir)
+    adapter = adapter_for(read_config(config))
+    checkpoint = Checkpoint(config.model)
+    layers = sorted({int(k.split(".")[2]) for k in checkpoint.keys() if adapter.is_expert_tensor(k)})
+    return DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
+
+
+def drop_page_cache(store: DiskStore) -> None:
+    """Flush and drop every checkpoint file from the page cache, so no read of the pass is served from RAM."""
+    for path in {e.path for extents in store.extents.values() for e in extents}:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages (a freshly written checkpoint) are not dropped by DONTNEED
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_concurrently(store: DiskStore, keys: list[Key], threads: int) -> dict:
+    """Thread i reads keys[i::threads], one after another; all threads start together."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads + 1)
+
+    def reader(own: list[Key]) -> None:
+        out = torch.empty(store.numel, dtype=store.dtype)
+        start.wait()
+        for key in own:
+            began = time.perf_counter()
+            store.read_into(key, out)
+            with lock:
+                latencies.append(1e3 * (time.perf_counter() - began))
+
+    workers = [threading.Thread(target=reader, args=(keys[i::threads],)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    began, cpu_began = time.perf_counter(), time.process_time()
+    for w in workers:
+        w.join()
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    return {"threads": threads, "experts": len(keys), "wall_s": wall,
+            "mb_per_s": len(keys) * store.expert_bytes / wall / 1e6,
+            "wall_ms_per_expert": 1e3 * wall / len(keys),
+            "cpu_ms_per_expert": 1e3 * cpu / len(keys),  # this process's CPU (kernel copy included): is it CPU-bound?
+            "read_ms_median": statistics.median(latencies)}
+
+
+def sweep(store: DiskStore, thread_counts: list[int], per_pass: int, repeats: int) -> list[dict]:
+    """Every (repeat, threads) pass reads experts no earlier pass of the same repeat read, in random order."""
+    if per_pass * len(thread_counts) > len(store.keys):
+        raise SystemExit(f"{per_pass} experts x {len(thread_counts)} passes exceeds the {len(store.keys)} experts")
+    passes: dict[int, list[dict]] = {t: [] for t in thread_counts}
+    for r in range(repeats):
+        keys_in_order = store.keys
+        random.Random(r).shuffle(keys_in_order)  # the engine fetches scattered experts, not file order
+        order = thread_counts if r % 2 == 0 else thread_counts[::-1]  # alternate, so drift favours no count
+        for i, threads in enumerate(order):
+            keys = keys_in_order[i * per_pass : (i + 1) * per_pass]
+            drop_page_cache(store)
+            passes[threads].append(read_concurrently(store, keys, threads))
+    return [min(runs, key=lambda p: abs(p["mb_per_s"] - statistics.median(q["mb_per_s"] for q in runs)))
+            for runs in passes.values()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--threads", default="1,2,4,8")
+    p.add_argument("--experts", type=int, default=48, help="experts read per pass (split over the threads)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    store = open_store(args.model)
+    try:
+        rows = sweep(store, [int(t) for t in args.threads.split(",")], args.experts, args.repeats)
+    finally:
+        store.close()
+    base = rows[0]["mb_per_s"]
+    table = Table("threads", "MB/s", "speed-up", "wall ms / expert", "CPU ms / expert", "read ms (median)",
+                  title=f"{args.experts} expert reads of {store.expert_bytes / 2**20:.1f} MiB, page cache dropped, "
+                        f"median of {args.repeats} passes; load average {os.getloadavg()[0]:.1f}")
+    for r in rows:
+        table.add_row(str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
+                      f"{r['wall_ms_per_expert']:.2f}", f"{r['cpu_ms_per_expert']:.2f}", f"{r['read_ms_median']:.2f}")
+    Console().print(table)
+    print(json.dumps({"model": str(args.model), "expert_bytes": store.expert_bytes, "experts_per_pass": args.experts,
+                      "repeats": args.repeats, "load_average": os.getloadavg(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
