@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from expertflow.adapters.kv_argument import KVArgument
 from expertflow.engine import GenerationOutput, Predictor, Sampler, StepForecaster, check_request, sample_step
 from expertflow.errors import ExpertflowError
 from expertflow.loading import OffloadedModel
@@ -46,6 +47,7 @@ class Seq2SeqEngine:
     def __init__(self, parts: OffloadedModel, recorder: RoutingRecorder, predictor: Predictor | None = None) -> None:
         self.parts = parts
         self.model = parts.model
+        self.kv_argument = KVArgument.of(parts.model.forward)  # `cache` or `past_key_values`, by transformers release
         self.recorder = recorder
         self.device = next(parts.model.parameters()).device
         stacks = {stack.name: list(stack.moe_layers) for stack in parts.adapter.stacks(parts.model)}
@@ -143,8 +145,8 @@ class Seq2SeqEngine:
         """One decoder forward on the newest tokens (B,); returns logits (B, V) float32 and the KV cache."""
         self.parts.cache.begin_step(forecast, self.decoder_layers)
         out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=token[:, None],
-                         past_key_values=kv, use_cache=True)
-        return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
+                         **self.kv_argument.inputs(kv), use_cache=True)
+        return out.logits[:, -1, :].to(dtype=torch.float32), self.kv_argument.output(out)
 
     def _take(self, layers: list[int], tokens: int) -> np.ndarray:
         """The last forward's routing (tokens, len(layers), K), dropped tokens as NO_EXPERT."""
