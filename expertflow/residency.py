@@ -1,7 +1,9 @@
 """Which expert sits in which fast-tier slot, and the counters: pure Python, shared by engine and simulator.
 
 The live cache wraps this with tensors and copies; the trace simulator uses it as is. Both therefore
-count hits, misses, loads and evictions the same way for the same accesses and policy.
+count hits, misses, loads and evictions the same way for the same accesses and policy. The planner tells
+it where forwards begin and end (`begin_forward`, `end_forward`), so a prefetch is judged by the forward
+it was fetched for and a re-load is dated in forwards.
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ from dataclasses import dataclass
 
 from expertflow.policies import CachePolicy, Key
 
+RELOAD_FORWARDS = 4  # a load of a key evicted in this forward or the 4 before it counts as a re-load
+
 
 @dataclass
 class CacheCounters:
     """Hit ratio = hits / (hits + misses) over demand uses; loads count every transfer into the fast tier.
 
-    A miss is a demand load (run-time correction when a forecast was used); a prefetch hit is the first use
-    of a prefetched expert; a wasted prefetch is one evicted before any use.
+    A miss is a demand load (run-time correction when a forecast was used). Every prefetch is judged by the
+    forward it was fetched for: a prefetch hit if that forward used it, wasted if it was evicted before any
+    use, stale if the forward ended with it resident and unused (a later use is an ordinary hit). So once
+    its forward has ended, prefetch_loads = prefetch_hits + wasted_prefetches + stale_prefetches (policy
+    `none`'s initial loads aside). A re-load is any load (demand or prefetch) of a key evicted within the
+    last RELOAD_FORWARDS forwards: the loads an eviction choice cost soon after.
     """
 
     hits: int = 0
@@ -27,6 +35,8 @@ class CacheCounters:
     evictions: int = 0
     prefetch_hits: int = 0
     wasted_prefetches: int = 0
+    stale_prefetches: int = 0
+    reloads: int = 0
 
     @property
     def uses(self) -> int:
@@ -65,7 +75,9 @@ class Residency:
         self.slot_of: dict[Key, int] = {}
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._pins: Counter[Key] = Counter()
-        self._unused_prefetches: set[Key] = set()
+        self._unused_prefetches: set[Key] = set()   # prefetched for the running forward, not yet used
+        self._evicted_at: dict[Key, int] = {}         # forward of each key's last eviction
+        self._forward = 0
         self.counters = CacheCounters()
         self.slots_used_peak = 0
 
@@ -103,6 +115,16 @@ class Residency:
         self.counters.prefetch_loads += 1
         return placement
 
+    def begin_forward(self) -> None:
+        """A forward starts (ending the previous one if nobody did)."""
+        self.end_forward()
+        self._forward += 1
+
+    def end_forward(self) -> None:
+        """The running forward is over: its prefetches it did not use are stale."""
+        self.counters.stale_prefetches += len(self._unused_prefetches)
+        self._unused_prefetches.clear()
+
     def pin(self, key: Key) -> None:
         self._pins[key] += 1
 
@@ -120,6 +142,7 @@ class Residency:
             slot = self.slot_of.pop(victim)
             self.policy.on_evict(victim)
             self.counters.evictions += 1
+            self._evicted_at[victim] = self._forward
             if victim in self._unused_prefetches:
                 self._unused_prefetches.discard(victim)
                 self.counters.wasted_prefetches += 1
@@ -131,5 +154,7 @@ class Residency:
         self.slot_of[key] = slot
         self.policy.on_load(key)
         self.counters.loads += 1
+        if self._forward - self._evicted_at.get(key, -RELOAD_FORWARDS - 1) <= RELOAD_FORWARDS:
+            self.counters.reloads += 1
         self.slots_used_peak = max(self.slots_used_peak, self.capacity - len(self._free))
         return Placement(slot, loaded=True, evicted=evicted)

@@ -25,9 +25,11 @@ class RunStats:
     expert_bytes: int
     peak_expert_bytes: int
     all_expert_bytes: int
-    prefetch_hits: int = 0          # uses served by an expert prefetched for them
+    prefetch_hits: int = 0          # prefetches the forward they were fetched for used
     correction_loads: int = 0       # demand loads: routed experts that were not resident (misses)
-    wasted_prefetches: int = 0      # prefetched experts evicted before any use
+    wasted_prefetches: int = 0      # prefetches evicted before their forward used them
+    stale_prefetches: int = 0       # prefetches still unused when their forward ended
+    reloads: int = 0                # loads of an expert evicted within the last few forwards
     transfer_wait_seconds: float = 0.0  # time layers spent waiting for background transfers
 
     @property
@@ -50,7 +52,8 @@ class RunStats:
             cache_experts=after.capacity_experts, expert_bytes=after.expert_bytes,
             peak_expert_bytes=after.peak_expert_bytes, all_expert_bytes=after.all_expert_bytes,
             prefetch_hits=delta.prefetch_hits, correction_loads=delta.demand_loads,
-            wasted_prefetches=delta.wasted_prefetches,
+            wasted_prefetches=delta.wasted_prefetches, stale_prefetches=delta.stale_prefetches,
+            reloads=delta.reloads,
             transfer_wait_seconds=after.wait_seconds - before.wait_seconds,
         )
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from expertflow.policies.belady import BeladyPolicy
 from expertflow.policies.lfu import LFUPolicy
+from expertflow.policies.lru import LRUPolicy
 from expertflow.policies.planner import CachePlanner
 from expertflow.policies.plec import PLECPolicy
 from expertflow.policies.ring import RingPolicy
@@ -37,6 +38,44 @@ def test_lfu_evicts_the_least_used_of_the_layer():
     # 1 (3 uses) stays; 2 then 3 then 2 again: 3 evicts 2 (1 use, older), 2 evicts 3, 4 evicts 2 (tie: older)
     assert set(cache.slot_of) == {(0, 1), (0, 4)}
     assert (cache.counters.misses, cache.counters.evictions) == (5, 3)
+
+
+def test_prefetches_are_judged_by_their_forward_and_reloads_are_counted():
+    cache = Residency(2, LRUPolicy(2, [0], 8, 1))
+    cache.begin_forward()
+    cache.prefetch((0, 1))
+    cache.prefetch((0, 2))
+    cache.use((0, 1))       # prefetch hit
+    cache.end_forward()     # (0, 2) unused: stale
+    cache.begin_forward()
+    cache.use((0, 2))       # an ordinary hit: its forward is over
+    cache.prefetch((0, 3))  # evicts (0, 1), the least recent
+    cache.prefetch((0, 4))  # evicts (0, 2)
+    cache.use((0, 1))       # miss: evicts (0, 3) unused (wasted); (0, 1) left this forward (a re-load)
+    cache.begin_forward()   # ends the forward: (0, 4) unused, stale
+    c = cache.counters
+    assert (c.hits, c.misses, c.loads, c.prefetch_loads, c.evictions) == (2, 1, 5, 4, 3)
+    assert (c.prefetch_hits, c.wasted_prefetches, c.stale_prefetches, c.reloads) == (1, 1, 2, 1)
+    assert c.prefetch_loads == c.prefetch_hits + c.wasted_prefetches + c.stale_prefetches
+
+
+def test_a_reload_is_a_load_within_the_last_few_forwards_of_the_eviction():
+    from expertflow.residency import RELOAD_FORWARDS
+
+    cache = Residency(1, LRUPolicy(1, [0], 8, 1))
+    cache.begin_forward()
+    cache.use((0, 1))
+    cache.use((0, 2))               # evicts (0, 1) in forward 1
+    for _ in range(RELOAD_FORWARDS):
+        cache.begin_forward()
+    cache.use((0, 1))               # forward 1 + RELOAD_FORWARDS: still a re-load; evicts (0, 2)
+    cache.begin_forward()
+    cache.begin_forward()
+    cache.use((0, 3))               # evicts (0, 1)
+    for _ in range(RELOAD_FORWARDS + 1):
+        cache.begin_forward()
+    cache.use((0, 1))               # one forward too late: not a re-load
+    assert (cache.counters.loads, cache.counters.reloads) == (5, 1)
 
 
 def test_the_window_limits_prefetches_per_layer():

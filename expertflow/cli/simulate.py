@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     size = expert_bytes(args.model)
     title = (f"{args.traces.name}: {len(traces.sequences)} sequences, transfer ratio {ratio:.2f} loads/layer, "
              f"predictor {args.predictor or '-'}, {time.perf_counter() - start:.1f} s")
-    print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "prefetch", "wasted", "bytes moved",
-                        "loads/belady"), [_row(r, size) for r in results])
+    print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "demand", "prefetch used", "wasted",
+                        "stale", "re-loads", "bytes moved", "loads/belady"), [_row(r, size) for r in results])
     if args.plot is not None:
         _plot(results, args.plot, title)
     if args.json:
@@ -104,14 +104,18 @@ def _cache_size(text: str, total: int) -> int:
 def _row(r: SimResult, expert_bytes: int) -> list[str]:
     c = r.counters
     return [r.config.policy, str(r.config.cache_experts), str(r.config.batch_size), f"{c.hit_ratio:.3f}",
-            str(c.loads), str(c.prefetch_loads), str(c.wasted_prefetches), human_bytes(c.loads * expert_bytes),
-            f"{r.loads_vs_belady:.2f}"]
+            str(c.loads), str(c.demand_loads), str(c.prefetch_hits), str(c.wasted_prefetches), str(c.stale_prefetches),
+            str(c.reloads), human_bytes(c.loads * expert_bytes), f"{r.loads_vs_belady:.2f}"]
 
 
 def _json(r: SimResult, expert_bytes: int) -> dict:
+    """The contract's fields first, then where the loads went (see CacheCounters)."""
+    c = r.counters
     return {"policy": r.config.policy, "cache_experts": r.config.cache_experts, "batch_size": r.config.batch_size,
-            "hit_ratio": r.counters.hit_ratio, "loads": r.counters.loads,
-            "bytes_moved": r.counters.loads * expert_bytes, "loads_vs_belady": r.loads_vs_belady}
+            "hit_ratio": c.hit_ratio, "loads": c.loads, "bytes_moved": c.loads * expert_bytes,
+            "loads_vs_belady": r.loads_vs_belady, "demand_loads": c.demand_loads, "prefetch_loads": c.prefetch_loads,
+            "prefetch_hits": c.prefetch_hits, "wasted_prefetches": c.wasted_prefetches,
+            "stale_prefetches": c.stale_prefetches, "reloads": c.reloads}
 
 
 def _plot(results: list[SimResult], path: Path, title: str) -> None:

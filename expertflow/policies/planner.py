@@ -1,10 +1,11 @@
 """One forward through the cache, in the order both the live engine and the simulator follow.
 
-    begin_step(forecast, layers)  the policy plans; the first layer's transfer window opens
+    begin_step(forecast, layers)  the policy plans; the first layer's transfer window opens (and
+                                  `Residency.begin_forward` starts the forward's prefetch accounting)
     for each MoE layer of the forward (`layers`: all of them unless the model has several stacks):
         route(layer, keys)      the real routing is known: the policy corrects / looks ahead
         (demand uses of keys)   `Residency.use`: a miss is a demand load, ahead of any prefetch
-        finish_layer(layer)     the next layer's transfer window opens
+        finish_layer(layer)     the next layer's transfer window opens (after the last: `end_forward`)
 
 The transfer clock: a window is the compute between two layers' expert runs, and fits `transfer_ratio`
 expert loads (None = unlimited). Prefetches are issued from the queue while the window has room; a key
@@ -42,6 +43,7 @@ class CachePlanner:
         """A forward over `layers` (default: every MoE layer) starts: queue the policy's plan and open
         the first layer's window."""
         self._ran = -1
+        self.residency.begin_forward()
         self.policy.begin_forward(self.policy.layers if layers is None else layers)
         self._queue = deque(self.policy.plan(forecast))
         return self._window()
@@ -61,6 +63,7 @@ class CachePlanner:
     def finish_layer(self, layer: int) -> list[Issued]:
         """`layer`'s experts ran: open the window before the next layer (none after the forward's last)."""
         if self.policy.position(layer) == len(self.policy.forward_layers) - 1:
+            self.residency.end_forward()
             return []
         return self._window()
 
