@@ -3,8 +3,10 @@
 Slot bookkeeping and counters live in `Residency` and the per-forward order in `CachePlanner` (pure
 Python, shared with the simulator); this class adds the tensors: it owns the slot buffers and copies
 experts in from the slow-tier store. Policies that prefetch get a `TransferWorker`: copies run in the
-background and a layer waits only for the experts it uses; demand copies jump the queue. On CUDA the
-copy runs on a side stream from pinned host memory and the compute stream waits only for that copy.
+background (`io_threads` at once) and a layer waits only for the experts it uses; demand copies jump the
+queue. On CUDA the copy runs on a side stream from pinned host memory and the compute stream waits only
+for that copy; every reader thread enqueues on the same side stream, so copies into a slot stay in the
+order the worker started them (the slow part, the disk read, still runs in parallel on the host).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class CacheFigures:
 
 class ExpertCache:
     def __init__(self, residency: Residency, store: ExpertStore, device: torch.device,
-                 transfer_ratio: float | None = None, background: bool = False) -> None:
+                 transfer_ratio: float | None = None, background: bool = False, io_threads: int = 1) -> None:
         self.residency = residency
         self.planner = CachePlanner(residency, transfer_ratio)
         self.store = store
@@ -52,7 +54,7 @@ class ExpertCache:
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self._worker = TransferWorker(self._copy, self._is_current) if background else None
+        self._worker = TransferWorker(self._copy, self._is_current, io_threads) if background else None
         self.peak_bytes = 0
         self.wait_seconds = 0.0
         for key in residency.policy.initial_residents():

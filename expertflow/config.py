@@ -44,6 +44,7 @@ class EngineConfig:
     predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it)
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
     drop_page_cache: bool = False          # disk store: drop each read from the OS page cache (really read the disk)
+    io_threads: int = 1                    # expert transfers run at once (a device serving parallel reads gains)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model).expanduser()
@@ -64,6 +65,8 @@ class EngineConfig:
             raise ExpertflowError(f"--cache-bytes must be positive, got {self.cache_bytes}")
         if self.store not in STORE_NAMES:
             raise ExpertflowError(f"unknown store {self.store!r}; choose one of {', '.join(STORE_NAMES)}")
+        if self.io_threads < 1:
+            raise ExpertflowError(f"--io-threads must be at least 1 (expert reads run at once), got {self.io_threads}")
         if self.drop_page_cache and self.store != "disk":
             raise ExpertflowError("--disk-direct applies to --store disk only")
         if self.dtype not in DTYPES:

@@ -73,7 +73,8 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
         options = {"drop_page_cache": config.drop_page_cache}
     store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **options)
     cache = ExpertCache(Residency(capacity, policy), store, config.torch_device,
-                        transfer_ratio=config.transfer_ratio, background=policy.prefetches)
+                        transfer_ratio=config.transfer_ratio, background=policy.prefetches,
+                        io_threads=config.io_threads)
     for layer in layers:
         model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer))
 

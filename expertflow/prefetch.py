@@ -1,8 +1,12 @@
-"""Background expert transfers: one worker thread, a priority queue, a future per transfer.
+"""Background expert transfers: `readers` worker threads, one priority queue, a future per transfer.
 
-Demand loads (a layer is waiting) go ahead of prefetches; a transfer whose slot was handed to another
-expert before it started is skipped. A failed copy fails its future, and the caller waiting on it gets an
-`ExpertflowError`; if the worker itself stops, every waiter learns so within a poll interval: no hangs.
+Demand loads (a layer is waiting) go ahead of prefetches: a free reader always takes the most urgent
+queued transfer. A transfer whose slot was handed to another expert before it started is skipped. Two
+copies into the same slot never run at once: a slot can be reassigned while a copy into it is still
+running (an in-flight prefetch may be evicted), so its next copy waits until that one has finished,
+and the last assignment's bytes are the ones left in the slot. A failed copy fails its future, and the
+caller waiting on it gets an `ExpertflowError`; if a reader itself stops, the worker stops and every
+waiter learns so within a poll interval: no hangs.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ from expertflow.policies import Key
 
 DEMAND, PREFETCH = 0, 1
 _POLL_SECONDS = 0.2
+_CLOSE_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -37,18 +43,24 @@ class _Entry:
 
 
 class TransferWorker:
-    """Runs `copy(key, slot)` for submitted transfers, demand first, in a daemon thread."""
+    """Runs `copy(key, slot)` for submitted transfers, demand first, on `readers` daemon threads at once."""
 
-    def __init__(self, copy: Callable[[Key, int], object], is_current: Callable[[int, int], bool]) -> None:
+    def __init__(self, copy: Callable[[Key, int], object], is_current: Callable[[int, int], bool],
+                 readers: int = 1) -> None:
+        if readers < 1:
+            raise ValueError(f"a transfer worker needs at least one reader thread, got {readers}")
         self._copy = copy
         self._is_current = is_current
         self._heap: list[_Entry] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
+        self._busy_slots: set[int] = set()  # slots a running copy is writing
         self._closed = False
         self._stopped_by: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="expertflow-transfers", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"expertflow-transfers-{i}", daemon=True)
+                         for i in range(readers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: Key, slot: int, generation: int, priority: int) -> Transfer:
         transfer = Transfer(key, slot, generation)
@@ -66,7 +78,7 @@ class TransferWorker:
             try:
                 return transfer.future.result(timeout=_POLL_SECONDS)
             except TimeoutError:
-                if not self._thread.is_alive():
+                if not self._running():
                     raise ExpertflowError(f"the expert transfer worker stopped ({self._stopped_by!r}) before "
                                           f"expert {transfer.key} arrived; reload the model") from self._stopped_by
             except CancelledError:
@@ -76,46 +88,79 @@ class TransferWorker:
                                       "safetensors files") from exc
 
     def close(self) -> None:
+        """Finish the queued transfers, then stop every reader."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
+            self._cond.notify_all()
+        deadline = time.monotonic() + _CLOSE_SECONDS
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _running(self) -> bool:
+        return self._stopped_by is None and all(thread.is_alive() for thread in self._threads)
 
     def _push(self, transfer: Transfer, priority: int) -> None:
         with self._cond:
-            if self._closed or not self._thread.is_alive():
+            if self._closed or not self._running():
                 raise ExpertflowError("the expert transfer worker is not running; reload the model")
             heapq.heappush(self._heap, _Entry(priority, next(self._order), transfer))
             self._cond.notify()
 
     def _next(self) -> Transfer | None:
+        """The next transfer for a free reader, marked running; None once closed with nothing left to do."""
         with self._cond:
-            while not self._heap and not self._closed:
+            while (transfer := self._take()) is None:
+                if self._closed and not self._heap:
+                    return None
                 self._cond.wait()
-            return heapq.heappop(self._heap).transfer if self._heap else None
+            return transfer
+
+    def _take(self) -> Transfer | None:
+        """Pops the most urgent startable transfer (caller holds the lock); entries for a busy slot stay queued."""
+        waiting: list[_Entry] = []
+        found = None
+        while self._heap and found is None:
+            entry = heapq.heappop(self._heap)
+            transfer = entry.transfer
+            if transfer.future.done() or transfer.future.running():
+                continue  # the other queue entry of an expedited transfer
+            if transfer.slot in self._busy_slots:
+                waiting.append(entry)
+            elif not self._is_current(transfer.slot, transfer.generation):
+                transfer.future.cancel()
+            else:
+                transfer.future.set_running_or_notify_cancel()
+                self._busy_slots.add(transfer.slot)
+                found = transfer
+        for entry in waiting:
+            heapq.heappush(self._heap, entry)
+        return found
 
     def _run(self) -> None:
         try:
             while (transfer := self._next()) is not None:
-                if transfer.future.done():
-                    continue  # expedited copy of a transfer already done
-                if not self._is_current(transfer.slot, transfer.generation):
-                    transfer.future.cancel()
-                    continue
-                try:
-                    transfer.future.set_result(self._copy(transfer.key, transfer.slot))
-                except Exception as exc:  # reaches the waiting caller through the future
-                    transfer.future.set_exception(exc)
+                self._execute(transfer)
         except BaseException as exc:
             self._stopped_by = exc
-            raise
-        finally:
             self._fail_pending()
+            raise
+
+    def _execute(self, transfer: Transfer) -> None:
+        try:
+            transfer.future.set_result(self._copy(transfer.key, transfer.slot))
+        except Exception as exc:  # reaches the waiting caller through the future
+            transfer.future.set_exception(exc)
+        finally:
+            with self._cond:
+                self._busy_slots.discard(transfer.slot)
+                self._cond.notify_all()  # a transfer queued behind this slot may start now
 
     def _fail_pending(self) -> None:
         with self._cond:
             self._closed = True
             for entry in self._heap:
-                if not entry.transfer.future.done():
-                    entry.transfer.future.set_exception(RuntimeError("the transfer worker stopped"))
+                future = entry.transfer.future
+                if not (future.done() or future.running()):  # a running one is another reader's to finish
+                    future.set_exception(RuntimeError("the transfer worker stopped"))
             self._heap.clear()
+            self._cond.notify_all()

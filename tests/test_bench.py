@@ -57,7 +57,7 @@ def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Pa
     # 10% of 24 experts is below one token's experts in every layer (3 x top-2), so it is raised to 6.
     assert [(r.system, r.cache_experts) for r in runs] == [
         ("all-in-memory", None), ("accelerate", 6), ("accelerate", 12), ("lru", 6), ("lru", 12)]
-    assert all(r.drop_page_cache and r.scheduler == "fifo" for r in runs)
+    assert all(r.drop_page_cache and r.scheduler == "fifo" and r.io_threads == 1 for r in runs)
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "150%", "ten", "5.5"])
@@ -99,3 +99,13 @@ def test_bench_runs_an_encoder_decoder_model(tmp_path: Path) -> None:
     assert doc["same_tokens"] is True
     lru = [r for r in doc["results"] if r["system"] == "lru"][0]
     assert lru["cache_experts"] == 16 and lru["expert_loads"] > 0 and 0 < lru["hit_ratio"] <= 1
+
+
+def test_io_threads_reach_every_run(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
+    config = BenchConfig(model=tiny_mixtral_dir, systems=["lru", "ring"], cache_sizes=[CacheSize("50%")],
+                         batch_sizes=[1], out=tmp_path, io_threads=4)
+    runs = plan_runs(config, model_shape(tiny_mixtral_dir), _prompts(), str(tmp_path))
+    assert [r.io_threads for r in runs] == [4, 4]
+    with pytest.raises(ExpertflowError, match="--io-threads"):
+        BenchConfig(model=tiny_mixtral_dir, systems=["lru"], cache_sizes=[CacheSize("50%")], batch_sizes=[1],
+                    out=tmp_path, io_threads=0)

@@ -54,7 +54,8 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
                     drop_page_cache=config.drop_page_cache and config.store == "disk",
                     predictor=str(config.predictor) if config.predictor else None,
                     scheduler=config.scheduler if name == "expertflow" else "fifo",
-                    schedule_unit=config.schedule_unit, threads=config.threads, offload_dir=offload_dir))
+                    schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
+                    offload_dir=offload_dir))
     return runs
 
 
@@ -123,6 +124,7 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]]) -> 
     return {
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
+        "io_threads": config.io_threads,  # transfers at once where a policy prefetches; lru/lfu load on demand
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
         "disk_reads": ("pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"

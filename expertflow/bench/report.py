@@ -35,7 +35,8 @@ def table_rows(doc: dict) -> list[tuple]:
 def title(doc: dict) -> str:
     s = doc["setup"]
     return (f"bench: {s['prompts']} {s['dataset']} prompts x {s['max_new_tokens']} new tokens, greedy, "
-            f"{s['threads']} thread(s), store {s['store']} (same tokens: {doc['same_tokens']})")
+            f"{s['threads']} thread(s), {s.get('io_threads', 1)} io thread(s), store {s['store']} "
+            f"(same tokens: {doc['same_tokens']})")
 
 
 def markdown(doc: dict) -> str:

@@ -55,6 +55,7 @@ class BenchConfig:
     schedule_unit: int = 2
     max_new_tokens: int = 32
     threads: int = 1
+    io_threads: int = 1                # expert transfers at once for engine systems whose policy prefetches
     dataset: str = "custom"
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
@@ -75,8 +76,8 @@ class BenchConfig:
             raise ExpertflowError(f"unknown store {self.store!r}; choose host or disk")
         if self.scheduler not in ENGINE_SCHEDULERS:
             raise ExpertflowError(f"unknown scheduler {self.scheduler!r}; choose {' or '.join(ENGINE_SCHEDULERS)}")
-        if self.max_new_tokens < 1 or self.threads < 1 or self.schedule_unit < 1:
-            raise ExpertflowError("--max-new-tokens, --threads and --schedule-unit must be at least 1")
+        if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit) < 1:
+            raise ExpertflowError("--max-new-tokens, --threads, --io-threads and --schedule-unit must be at least 1")
         if "expertflow" in self.systems and self.predictor is None:
             raise ExpertflowError("system expertflow plans from a routing predictor; pass --predictor DIR "
                                   "(train one with expertflow train-predictor)")
@@ -100,6 +101,7 @@ class RunSpec:
     scheduler: str = "fifo"
     schedule_unit: int = 2
     threads: int = 1
+    io_threads: int = 1
     offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
 
     def to_json(self) -> dict:

@@ -50,7 +50,7 @@ def run_engine(spec: RunSpec) -> Measured:
     policy = SYSTEMS[spec.system].policy
     model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=spec.cache_experts, policy=policy,
                                          store=spec.store, drop_page_cache=spec.drop_page_cache,
-                                         predictor=spec.predictor))
+                                         predictor=spec.predictor, io_threads=spec.io_threads))
     decoder_only = model.engine.parts.adapter.kind == "decoder"
     try:
         if decoder_only:

@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--widen-dir", type=Path, default=None,
                    help="where widened copies are kept (default ~/.cache/expertflow/widened)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: steadier ratios)")
+    p.add_argument("--io-threads", type=int, default=1, metavar="N",
+                   help="expert transfers at once for engine systems whose policy prefetches (default 1)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results and plots")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.set_defaults(func=run)
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor, scheduler=args.scheduler,
         schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        dataset=args.dataset,
+        io_threads=args.io_threads, dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
                     checkpoint=lambda partial: write_results(partial, config.out))

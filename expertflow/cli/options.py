@@ -31,6 +31,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="trained routing predictor (RPP) the expertflow policy plans from")
     parser.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                         help="prefetches issued per layer window (default: no limit)")
+    parser.add_argument("--io-threads", type=int, default=1, metavar="N",
+                        help="expert transfers run at once by policies that prefetch (ring, pregated, "
+                             "expertflow); lru and lfu load on demand, one at a time (default 1)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads for the engine (default: torch's own choice)")
 
@@ -43,6 +46,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
         predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
+        io_threads=args.io_threads,
     )
 
 
