@@ -101,6 +101,55 @@ def test_plec_prefetches_by_layer_then_probability_and_evicts_mispredictions_fir
     assert cache.counters.prefetch_hits == 1 and cache.counters.misses == 1
 
 
+def _filled_plec(capacity: int, layers: list[int], first: list[list[int]]) -> CachePlanner:
+    """PLEC over 4 experts after one forecast-less forward that used `first[i]` at layer i (demand loads)."""
+    planner = CachePlanner(Residency(capacity, PLECPolicy(capacity, layers, 4, 1)), transfer_ratio=None)
+    planner.begin_step(None)
+    for layer, experts in zip(layers, first):
+        _run_layer(planner, layer, experts)
+    return planner
+
+
+def _run_layer(planner: CachePlanner, layer: int, experts: list[int]) -> list:
+    planner.route(layer, [(layer, e) for e in experts])
+    for e in experts:
+        planner.residency.use((layer, e))
+    return [(key, placement.evicted) for key, placement in planner.finish_layer(layer)]
+
+
+def test_plec_prefetch_that_must_evict_waits_until_its_layer_is_next():
+    planner = _filled_plec(2, [0, 1, 2], [[0], [0], []])    # full: (0, 0), (1, 0)
+    assert planner.begin_step({(2, 1): 0.9}) == []          # layer 2 is 3 layers ahead: declined, kept
+    assert _run_layer(planner, 0, [0]) == []                # 2 ahead: still waiting
+    assert _run_layer(planner, 1, [0]) == [((2, 1), (1, 0))]  # next: in, over the layer that just ran
+    assert planner.residency.counters.prefetch_loads == 1
+
+
+def test_plec_evicts_its_own_mispredicted_prefetch_before_an_older_resident_the_forecast_named():
+    planner = _filled_plec(3, [0, 1], [[0, 1], [0]])
+    issued = planner.begin_step({(0, 0): 0.9, (0, 2): 0.9})  # (0, 0) resident already; (0, 2) prefetched
+    assert [(key, p.evicted) for key, p in issued] == [((0, 2), (1, 0))]
+    _run_layer(planner, 0, [1])                              # both mispredicted: only (0, 2) was this plan's
+    _run_layer(planner, 1, [0])                              # demand load: (0, 2) goes first
+    cache = planner.residency
+    assert (0, 0) in cache and (0, 2) not in cache
+    assert (cache.counters.wasted_prefetches, cache.counters.misses) == (1, 3 + 1)  # 3 filled the cache
+
+
+@pytest.mark.parametrize("lookahead, loads", [(0, 4), (1, 3)])
+def test_a_forecast_of_the_next_forward_keeps_its_expert(lookahead, loads):
+    used = [(0, 1), (2,), (0,)]  # one layer; forward 2 must evict 0 or 1, and forward 3 uses 0 again
+    forwards = [Forward((experts,), {(0, e): 1.0 for e in experts}, prefill=False) for experts in used]
+    run = simulate(forwards, [0], 4, 1, SimConfig("expertflow", 2, 1, None, count_prefill=True, lookahead=lookahead))
+    belady = simulate(forwards, [0], 4, 1, SimConfig("belady", 2, 1, None, count_prefill=True))
+    assert (run.counters.loads, belady.counters.loads, run.counters.hit_ratio) == (loads, 3, 1.0)
+
+
+def test_lookahead_must_not_be_negative():
+    with pytest.raises(ValueError, match="lookahead"):
+        SimConfig("expertflow", 8, 1, lookahead=-1)
+
+
 def _random_forwards(rng: np.random.Generator, layers: int, experts: int, steps: int, width: int) -> list[Forward]:
     skew = rng.dirichlet(np.full(experts, 0.3), size=layers)  # skewed popularity, as real routing is
     forwards = []

@@ -35,3 +35,13 @@ def one_hot_routing(routing: np.ndarray, num_experts: int) -> np.ndarray:
     out = np.zeros((*routing.shape[:2], num_experts + 1), dtype=np.float32)  # last column catches NO_EXPERT
     np.put_along_axis(out, np.where(routing < 0, num_experts, routing).astype(np.int64), 1.0, axis=2)
     return out[..., :num_experts]
+
+
+class LookaheadForecast(dict):
+    """A forecast of the coming forward (the mapping itself) that also carries forecasts of the forwards
+    after it: `later[j]` is the forward j + 1 after the coming one. A study device for the simulator
+    (an oracle that sees future tokens): a routing predictor sees the coming forward only."""
+
+    def __init__(self, coming: Forecast, later: Sequence[Forecast]) -> None:
+        super().__init__(coming)
+        self.later: tuple[Forecast, ...] = tuple(later)

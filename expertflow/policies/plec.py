@@ -1,24 +1,32 @@
 """`expertflow`: Predictive Locality-aware Expert Caching (PLEC) with run-time correction (paper 3.4).
 
-Every resident holds its slot by a keep value, the chance it is used soon, discounted per layer until use:
-    value = p * BETA**d + (1 - p) * u * BETA**(d + L)     for a key whose layer runs d layers from now
-    value = u * BETA**(d + L)                               for a key whose layer already ran this forward
-    value = u * BETA**(L - r + L_all)                       for a key whose layer this forward does not run
-where distances count layers of the forward (L of them, r the running one's position; L_all every MoE
-layer): an encoder-decoder model's encoder forward and decoder steps each run one stack, and a key of
-the other stack is needed by no layer of this forward, so it is worth less than any key of the forward
-with the same usage. p is the forecast (the RPP's batch-level probability for the coming forward), u a running estimate of
-per-forward use (exponential moving average). The paper's parts, in these terms:
+Every resident holds its slot by a keep value, the discounted chance of its next use (BETA per layer of
+distance to it). For a key whose layer runs d layers from now in this forward, with forecast p:
+    value = p * BETA**d + (1 - p) * later(d + L)
+and for a key whose layer already ran (d <= 0) `later(d + L)`; for a key of a layer this forward does not
+run `later(L - r + L_all)`. Distances count layers of the forward (L of them, r the running one's
+position; L_all every MoE layer): an encoder-decoder model's encoder forward and decoder steps each run
+one stack, and a key of the other stack is needed by no layer of this forward, so it is worth less than
+any key of the forward with the same usage. `later(D) = u * BETA**D`, the next forward's use at distance
+D: u is a running estimate of per-forward use (an exponential moving average, DECAY per forward; on the
+traces it is a calibrated estimate of the next forward's use). A study forecast that also covers the h
+forwards after the coming one (`LookaheadForecast`, simulator only) replaces the guess by the known
+chances: later(D) = sum_j P(first next use in forward j) * BETA**(D + j L) + P(none of them) * u-term.
+
+The paper's parts, in these terms:
 - slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
   its keys out-value others', so layers with more likely experts get more slots, no fixed quota;
 - the most probable experts prefetched before execution: the plan lists the forward's keys with
-  p >= THRESHOLD, by layer (deadline) then probability, and a prefetch is admitted only when it out-values the cheapest
-  resident;
+  p >= THRESHOLD, by layer (deadline) then probability; a prefetch into a free slot is always taken,
+  one that must evict is admitted only when it out-values the cheapest resident and its layer is at most
+  LEAD layers ahead (just in time: an eviction decided later can pick a slot of a layer that has run);
 - finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
   next-forward use, so the following windows hand their slots to later layers' predicted experts;
 - run-time correction: a routed expert that is not resident is a demand load, ahead of every prefetch
-  (the planner and the transfer worker see to that), and residents the forecast wanted but the router
-  did not pick (mispredicted) are the first to go.
+  (the planner and the transfer worker see to that), and mispredicted residents, those this forward's
+  plan prefetched for a layer that then did not pick them, are the first to go. Residents that were
+  there before the plan keep their reuse value even when the forecast wrongly wanted them: a frequently
+  used expert the forecast named by mistake is still likely needed by the next forward.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from expertflow.policies.base import CachePolicy, Forecast, Key
+from expertflow.policies.forecast import LookaheadForecast
 
 THRESHOLD = 0.5   # forecast probability worth a prefetch
 BETA = 0.9        # value discount per layer of distance to the use
 DECAY = 0.9       # per-forward decay of the usage average u
+LEAD = 1          # a prefetch that must evict waits until its layer is at most this many layers ahead
 
 
 class PLECPolicy(CachePolicy):
@@ -40,10 +50,12 @@ class PLECPolicy(CachePolicy):
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
         super().__init__(capacity, layers, num_experts, top_k)
         self._forecast: dict[Key, float] = {}
+        self._later: tuple[Forecast, ...] = ()     # forecasts of the forwards after this one (study only)
         self._running = -1                         # position of the layer whose routing is known
         self._forward = 0
         self._usage: dict[Key, tuple[float, int]] = {}  # key -> (u, forward it was last updated)
         self._pending: set[Key] = set()            # routed to the running layer, not yet used
+        self._prefetched: set[Key] = set()         # loaded by this forward's prefetches
         self._mispredicted: set[Key] = set()
         self._resident: set[Key] = set()
         self._cheapest: tuple[float, Key] | None = None  # cached min over unpinned residents
@@ -52,6 +64,8 @@ class PLECPolicy(CachePolicy):
         self._forward += 1
         self._running = -1
         self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0 and self.in_forward(k[0])}
+        self._later = forecast.later if isinstance(forecast, LookaheadForecast) else ()
+        self._prefetched = set()
         self._mispredicted -= {k for k, p in self._forecast.items() if p >= THRESHOLD}
         self._cheapest = None
         wanted = [k for k, p in self._forecast.items() if p >= THRESHOLD]
@@ -62,9 +76,7 @@ class PLECPolicy(CachePolicy):
         self._pending = set(used)
         for key in used:
             self._use(key)
-        self._mispredicted |= {k for k in self._resident
-                               if k[0] == layer and k not in self._pending
-                               and self._forecast.get(k, 0.0) >= THRESHOLD}
+        self._mispredicted |= {k for k in self._prefetched if k[0] == layer and k not in self._pending}
         self._mispredicted -= self._pending
         self._cheapest = None
         return []
@@ -83,17 +95,30 @@ class PLECPolicy(CachePolicy):
             return 0.0
         steps = len(self.forward_layers)
         if not self.in_forward(key[0]):
-            return self._u(key) * BETA ** (steps - self._running + len(self.layers))
+            return self._later_value(key, steps - self._running + len(self.layers))
         distance = self.position(key[0]) - self._running
-        later = self._u(key) * BETA ** (distance + steps)
+        later = self._later_value(key, distance + steps)
         if distance <= 0:
             return later
         p = self._forecast.get(key, 0.0)
         return p * BETA**distance + (1.0 - p) * later
 
+    def _later_value(self, key: Key, distance: int) -> float:
+        """Discounted chance of the key's use in a later forward, `distance` layers away in the next one."""
+        steps = len(self.forward_layers)
+        value, unused = 0.0, 1.0
+        for forecast in self._later:  # known chances first (a study forecast), then the usage estimate
+            p = forecast.get(key, 0.0)
+            value += unused * p * BETA**distance
+            unused *= 1.0 - p
+            distance += steps
+        return value + unused * self._u(key) * BETA**distance
+
     def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
         if not full:
             return True
+        if self.in_forward(key[0]) and self.position(key[0]) - self._running > LEAD:
+            return False  # the planner retries it in a later window
         cheapest = self._cheapest_resident(pinned)
         return cheapest is not None and cheapest[0] < self.value(key)
 
@@ -115,11 +140,14 @@ class PLECPolicy(CachePolicy):
         self._cheapest = None
 
     def on_load(self, key: Key) -> None:
-        self._resident.add(key)
+        if key not in self._pending:  # not routed to the running layer: a prefetch
+            self._prefetched.add(key)
         self._pending.discard(key)
+        self._resident.add(key)
         self._cheapest = None
 
     def on_evict(self, key: Key) -> None:
         self._resident.discard(key)
+        self._prefetched.discard(key)
         self._mispredicted.discard(key)
         self._cheapest = None
