@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from expertflow.cli import main
 from expertflow.errors import ExpertflowError
-from expertflow.scheduler import (SCHEDULERS, ExactLimitError, Grouping, distinct_pairs, routing_paths,
-                                  scheduler_class, total_distinct)
+from expertflow.scheduler import (SCHEDULERS, ExactLimitError, Grouping, distinct_pairs, expected_distinct,
+                                  routing_paths, scheduler_class, total_distinct)
 from expertflow.scheduler.exact import ExactScheduler, solve
+from expertflow.scheduler.swap import Misses, batch_factors, best_swap, local_search
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet
 
 # Stated bound for `swap` vs the optimum on these random skewed instances (up to 2 x 8, 3 x 4, 4 x 3):
@@ -224,6 +225,132 @@ def test_bad_scheduler_settings_and_names():
             cls(**kwargs)
     with pytest.raises(ValueError, match="grouping covers 4 sequences but paths hold 6"):
         distinct_pairs(np.zeros((6, 1, 2), bool), Grouping.identity(4, 2))
+
+
+# ---------------------------------------------------------------- predicted probabilities
+
+def random_probabilities(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, L, E) float: mostly small like a sigmoid head's output, some confident, some exactly 0 or 1."""
+    p = rng.beta(0.3, 2.0, size=shape)
+    p[rng.random(shape) < 0.05] = 1.0
+    p[rng.random(shape) < 0.05] = 0.0
+    return p
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
+       experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
+       name=st.sampled_from(["fifo", "similarity", "swap"]))
+def test_zero_one_probabilities_group_like_bool_paths(batch_size, unit, layers, experts, seed, name):
+    rng = np.random.default_rng(seed)
+    paths = rng.random((batch_size * unit, layers, experts)) < rng.uniform(0.1, 0.9)
+    scheduler = SCHEDULERS[name]()
+    expected = scheduler.group(paths, batch_size, unit)
+    for dtype in (np.float32, np.float64):
+        assert scheduler.group(paths.astype(dtype), batch_size, unit, probabilities=True) == expected
+    assert expected_distinct(paths.astype(np.float64), expected) == total_distinct(paths, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
+       experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
+       name=st.sampled_from(["fifo", "similarity", "swap"]))
+def test_probabilities_give_balanced_partitions(batch_size, unit, layers, experts, seed, name):
+    probs = random_probabilities(np.random.default_rng(seed), (batch_size * unit, layers, experts))
+    grouping = SCHEDULERS[name]().group(probs.astype(np.float32), batch_size, unit, probabilities=True)
+    assert [len(b) for b in grouping.batches] == [batch_size] * unit
+    assert sorted(grouping.permutation.tolist()) == list(range(batch_size * unit))
+
+
+def test_expected_distinct_hand_made():
+    # One layer, two experts; dyadic probabilities, so every product below is exact in binary floats.
+    probs = np.array([[0.5, 0.0], [0.5, 1.0], [0.25, 0.0], [0.0, 0.5]])[:, None, :]      # (4, 1, 2)
+    # batch {0, 1}: expert 0 unused with 0.5 * 0.5 -> 0.75; expert 1 used for sure -> 1
+    # batch {2, 3}: expert 0 -> 1 - 0.75 = 0.25; expert 1 -> 1 - 0.5 = 0.5
+    assert expected_distinct(probs, Grouping(((0, 1), (2, 3)))) == 0.75 + 1.0 + 0.25 + 0.5
+    # batch {0, 2}: 1 - 0.5 * 0.75 = 0.625, 0; batch {1, 3}: 0.5, 1
+    assert expected_distinct(probs, Grouping(((0, 2), (1, 3)))) == 0.625 + 0.0 + 0.5 + 1.0
+    m = Misses.of(probs.reshape(4, -1))
+    for labels, value in (([0, 0, 1, 1], 2.5), ([0, 1, 0, 1], 2.125)):
+        certain, log_q = batch_factors(m, np.array(labels), 2)
+        assert certain.tolist() == ([[0, 1], [0, 0]] if labels == [0, 0, 1, 1] else [[0, 0], [0, 1]])
+        assert float((1 - (certain == 0) * np.exp(log_q)).sum()) == pytest.approx(value, abs=1e-12)
+
+
+def test_probabilities_change_the_grouping_the_right_way():
+    # Every token's top-1 guess is expert 0, so on top-1 paths all groupings tie and swap keeps fifo.
+    # The probabilities say tokens 0 and 2 are sure of expert 0 and tokens 1 and 3 are torn between 0
+    # and 1; the truth is that 1 and 3 take expert 1. Pairing the sure ones and the torn ones lowers the
+    # expected cost (2.5175 vs 2.81) and halves the true one.
+    sure, torn = [0.9, 0.1], [0.45, 0.4]
+    probs = np.array([sure, torn, sure, torn])[:, None, :]                                # (4, 1, 2)
+    top1 = routing_paths(np.argmax(probs, -1)[..., None], num_experts=2)
+    true = routing_paths(np.array([[[0]], [[1]], [[0]], [[1]]]), num_experts=2)
+    from_paths = SCHEDULERS["swap"]().group(top1, 2, 2)
+    from_probs = SCHEDULERS["swap"]().group(probs, 2, 2, probabilities=True)
+    assert from_paths.batches == ((0, 1), (2, 3))
+    assert from_probs.batches == ((0, 2), (1, 3))
+    assert expected_distinct(probs, from_probs) == pytest.approx(1.18 + 1.3375, abs=1e-12)
+    assert expected_distinct(probs, from_paths) == pytest.approx(2 * 1.405, abs=1e-12)
+    assert (total_distinct(true, from_paths), total_distinct(true, from_probs)) == (4, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_deltas_equal_recomputed_objective(seed):
+    rng = np.random.default_rng(seed)
+    batch_size, unit = 4, 3
+    probs = random_probabilities(rng, (batch_size * unit, 2, 5))
+    flat, labels = probs.reshape(len(probs), -1), rng.permutation(np.arange(batch_size * unit) // batch_size)
+    m = Misses.of(flat)
+    before = expected_distinct(probs, Grouping.from_labels(labels, unit))
+    certain, log_q = batch_factors(m, labels, unit)
+    delta, i, j = best_swap(m, labels, certain, log_q, unit)
+    swapped = labels.copy()
+    swapped[i], swapped[j] = labels[j], labels[i]
+    assert delta < 0 and expected_distinct(probs, Grouping.from_labels(swapped, unit)) == pytest.approx(
+        before + delta, abs=1e-9)
+    # and no other swap is better than the one chosen
+    for a, b in itertools.combinations(range(batch_size * unit), 2):
+        if labels[a] != labels[b]:
+            other = labels.copy()
+            other[a], other[b] = labels[b], labels[a]
+            assert expected_distinct(probs, Grouping.from_labels(other, unit)) >= before + delta - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_swap_on_probabilities_ends_at_a_local_optimum(seed):
+    rng = np.random.default_rng(seed)
+    batch_size, unit = 3, 3
+    probs = random_probabilities(rng, (batch_size * unit, 3, 4))
+    grouping = SCHEDULERS["swap"]().group(probs, batch_size, unit, probabilities=True)
+    cost, labels = expected_distinct(probs, grouping), grouping.batch_of
+    for a, b in itertools.combinations(range(batch_size * unit), 2):
+        other = labels.copy()
+        other[a], other[b] = labels[b], labels[a]
+        assert expected_distinct(probs, Grouping.from_labels(other, unit)) > cost - 1e-9
+    fifo = expected_distinct(probs, Grouping.identity(batch_size * unit, batch_size))
+    assert cost <= fifo
+    assert np.array_equal(local_search(Misses.of(probs.reshape(len(probs), -1)), labels, unit, 200), labels)
+
+
+@pytest.mark.parametrize("probs, name, needle", [
+    (np.full((4, 2, 3), 1.5), "swap", "must lie in \\[0, 1\\], got 1.5..1.5; pass the predictor's sigmoid"),
+    (np.full((4, 2, 3), -0.1), "similarity", "must lie in \\[0, 1\\], got -0.1..-0.1"),
+    (np.full((4, 2, 3), np.nan), "swap", "must be finite"),
+    (np.zeros((4, 2), np.float32), "swap", "non-empty \\(N, L, E\\) float array"),
+    (np.zeros((4, 2, 3), np.int64), "fifo", "must be floats \\(N, L, E\\), got dtype int64"),
+    (np.zeros((4, 2, 3)), "exact", "'exact' needs 0/1 routing paths, not probabilities; take the top-k"),
+])
+def test_bad_probabilities_raise_clear_errors(probs, name, needle):
+    with pytest.raises(ValueError, match=needle):
+        SCHEDULERS[name]().group(probs, 2, 2, probabilities=True)
+
+
+def test_expected_distinct_checks_its_inputs():
+    with pytest.raises(ValueError, match="grouping covers 4 sequences but probabilities hold 6"):
+        expected_distinct(np.zeros((6, 1, 2)), Grouping.identity(4, 2))
+    with pytest.raises(ValueError, match="must lie in"):
+        expected_distinct(np.full((4, 1, 2), 2.0), Grouping.identity(4, 2))
 
 
 # ---------------------------------------------------------------- schedule-eval end to end

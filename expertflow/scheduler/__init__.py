@@ -1,14 +1,15 @@
 """Token scheduling (paper section 3.3): which waiting sequences share a batch, by name.
 
 `SCHEDULERS` maps the CLI's `--scheduler` names to classes; every scheduler returns a `Grouping`
-of the unit's N = U * B sequences into U batches of B, scored by `distinct_pairs`/`total_distinct`.
+of the unit's N = U * B sequences into U batches of B, scored by `distinct_pairs`/`total_distinct`
+(on predicted probabilities, in expectation: `expected_distinct`).
 """
 
 from __future__ import annotations
 
 from expertflow.errors import ExpertflowError
-from expertflow.scheduler.base import (Grouping, Scheduler, check_unit, distinct_pairs, routing_paths,
-                                       total_distinct)
+from expertflow.scheduler.base import (Grouping, Scheduler, check_unit, distinct_pairs, expected_distinct,
+                                       routing_paths, routing_probabilities, total_distinct)
 from expertflow.scheduler.exact import ExactLimitError, ExactScheduler
 from expertflow.scheduler.fifo import FifoScheduler
 from expertflow.scheduler.similarity import SimilarityScheduler
@@ -27,4 +28,4 @@ def scheduler_class(name: str) -> type[Scheduler]:
 
 
 __all__ = ["SCHEDULERS", "ExactLimitError", "Grouping", "Scheduler", "check_unit", "distinct_pairs",
-           "routing_paths", "scheduler_class", "total_distinct"]
+           "expected_distinct", "routing_paths", "routing_probabilities", "scheduler_class", "total_distinct"]

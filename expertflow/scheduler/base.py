@@ -3,11 +3,13 @@
 Shape legend: N waiting sequences (one token each this step), L layers, E experts, K top_k,
 B batch size, U batches per scheduling unit (N = U * B), D = L * E flattened (layer, expert) pairs.
 
-A scheduler sees routing paths only: for each waiting sequence, which (layer, expert) pairs its next
-token activates (true or predicted). It never touches tensors of the model; the engine applies the
-returned `Grouping` to its KV caches. The objective (paper Eq. 2) is the number of distinct
-(layer, expert) pairs each batch activates, summed over the unit's batches; `distinct_pairs` is the one
-definition that tests, benchmarks and the engine share.
+A scheduler sees routing only: for each waiting sequence, which (layer, expert) pairs its next token
+activates (true or predicted), as 0/1 paths or as the predictor's activation probabilities p_ile. It
+never touches tensors of the model; the engine applies the returned `Grouping` to its KV caches. The
+objective (paper Eq. 2) is the number of distinct (layer, expert) pairs each batch activates, summed
+over the unit's batches; on probabilities it is its expectation, sum over (l, e) of
+1 - prod_{i in batch} (1 - p_ile), which equals Eq. 2 on 0/1 inputs. `distinct_pairs` and
+`expected_distinct` are the definitions that tests, benchmarks and the engine share.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def routing_paths(routing: np.ndarray, num_experts: int | None = None) -> np.nda
         return routing
     if not np.issubdtype(routing.dtype, np.integer):
         raise ValueError(f"routing must be bool paths (N, L, E) or integer expert ids (N, L, K), got dtype "
-                         f"{routing.dtype}; take the top-k of predicted probabilities first")
+                         f"{routing.dtype}; take the top-k of predicted probabilities first, or pass "
+                         f"probabilities=True to schedule on them")
     if num_experts is None or num_experts < 1:
         raise ValueError("integer expert ids (N, L, K) need num_experts >= 1 to build routing paths")
     if routing.min() < 0 or routing.max() >= num_experts:
@@ -40,6 +43,23 @@ def routing_paths(routing: np.ndarray, num_experts: int | None = None) -> np.nda
     paths = np.zeros((*routing.shape[:2], num_experts), dtype=bool)
     np.put_along_axis(paths, routing.astype(np.int64), True, axis=-1)
     return paths
+
+
+def routing_probabilities(probs: np.ndarray) -> np.ndarray:
+    """float64 (N, L, E) activation probabilities from float (or 0/1 bool) (N, L, E), checked to lie in [0, 1]."""
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or 0 in probs.shape:
+        raise ValueError(f"probabilities must be a non-empty (N, L, E) float array, got shape {probs.shape}")
+    if probs.dtype != np.bool_ and not np.issubdtype(probs.dtype, np.floating):
+        raise ValueError(f"probabilities must be floats (N, L, E), got dtype {probs.dtype}; pass expert ids "
+                         f"without probabilities=True")
+    probs = probs.astype(np.float64)
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities must be finite, got NaN or inf; check the predictor's output")
+    if probs.min() < 0.0 or probs.max() > 1.0:
+        raise ValueError(f"probabilities must lie in [0, 1], got {probs.min():g}..{probs.max():g}; pass the "
+                         f"predictor's sigmoid outputs, not its logits")
+    return probs
 
 
 def check_unit(num_sequences: int, batch_size: int, unit: int) -> None:
@@ -122,18 +142,32 @@ def total_distinct(paths: np.ndarray, grouping: Grouping) -> int:
     return int(distinct_pairs(paths, grouping).sum())
 
 
+def expected_distinct(probs: np.ndarray, grouping: Grouping) -> float:
+    """Eq. 2 in expectation over independent activations: sum over batches and (l, e) of
+    1 - prod_{i in batch} (1 - p_ile); probs float (N, L, E) in [0, 1]. Equals `total_distinct` on 0/1 input."""
+    probs = routing_probabilities(probs)
+    if len(probs) != grouping.num_sequences:
+        raise ValueError(f"grouping covers {grouping.num_sequences} sequences but probabilities hold {len(probs)}")
+    return float(sum((1.0 - np.prod(1.0 - probs[list(b)], axis=0)).sum() for b in grouping.batches))
+
+
 class Scheduler(ABC):
     """Groups the N = U * B sequences of one scheduling unit into U batches of B."""
 
     name: ClassVar[str]
+    takes_probabilities: ClassVar[bool] = True   # False: needs 0/1 paths (give it the top-k instead)
 
-    def group(self, routing: np.ndarray, batch_size: int, unit: int = 2,
-              num_experts: int | None = None) -> Grouping:
-        """routing: bool (N, L, E) paths, or int (N, L, K) expert ids with num_experts."""
-        paths = routing_paths(routing, num_experts)
-        check_unit(len(paths), batch_size, unit)
-        return self._group(paths, batch_size, unit)
+    def group(self, routing: np.ndarray, batch_size: int, unit: int = 2, num_experts: int | None = None, *,
+              probabilities: bool = False) -> Grouping:
+        """routing: bool (N, L, E) paths, or int (N, L, K) expert ids with num_experts; with
+        probabilities=True, float (N, L, E) activation probabilities (the objective is then its expectation)."""
+        if probabilities and not self.takes_probabilities:
+            raise ValueError(f"scheduler {self.name!r} needs 0/1 routing paths, not probabilities; take the "
+                             f"top-k of the probabilities first")
+        routing = routing_probabilities(routing) if probabilities else routing_paths(routing, num_experts)
+        check_unit(len(routing), batch_size, unit)
+        return self._group(routing, batch_size, unit)
 
     @abstractmethod
-    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
-        """paths: validated bool (N, L, E) with N == batch_size * unit."""
+    def _group(self, routing: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        """routing: validated (N, L, E), bool paths or float64 probabilities in [0, 1]; N == batch_size * unit."""

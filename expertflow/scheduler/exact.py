@@ -120,11 +120,12 @@ def solve(paths: np.ndarray, batch_size: int, unit: int, node_limit: int) -> tup
 @dataclass
 class ExactScheduler(Scheduler):
     name = "exact"
+    takes_probabilities = False    # the optimum of Eq. 2 is over 0/1 paths (the true routing)
     node_limit: int = 2_000_000
 
     def __post_init__(self) -> None:
         if self.node_limit < 1:
             raise ValueError(f"node_limit must be >= 1, got {self.node_limit}")
 
-    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
-        return solve(paths, batch_size, unit, self.node_limit)[0]
+    def _group(self, routing: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        return solve(routing, batch_size, unit, self.node_limit)[0]

@@ -13,5 +13,5 @@ from expertflow.scheduler.base import Grouping, Scheduler
 class FifoScheduler(Scheduler):
     name = "fifo"
 
-    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
-        return Grouping.identity(len(paths), batch_size)
+    def _group(self, routing: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        return Grouping.identity(len(routing), batch_size)

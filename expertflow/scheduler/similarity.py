@@ -2,7 +2,8 @@
 
 Shape legend: N sequences, D = L * E flattened (layer, expert) pairs, U clusters (batches) of B.
 
-Similarity S_ij = 1 - d_ij / (L * E) with d_ij the Hamming distance of the two routing paths. Centroids
+Similarity S_ij = 1 - d_ij / (L * E) with d_ij the Hamming distance of the two routing paths; on
+activation probabilities, its expectation sum_d p_id + p_jd - 2 p_id p_jd (the same formula). Centroids
 are medoids (the member with the highest mean similarity to its cluster), as the paper updates them;
 assignment is greedy by similarity under a capacity of B per cluster, so batches stay equal. The paper
 clusters two batches; U clusters generalise it to a unit of U batches.
@@ -18,7 +19,7 @@ from expertflow.scheduler.base import Grouping, Scheduler
 
 
 def similarity_matrix(flat: np.ndarray) -> np.ndarray:
-    """flat bool (N, D) -> S (N, N) = 1 - Hamming / D."""
+    """flat bool paths or float probabilities (N, D) -> S (N, N) = 1 - (expected) Hamming / D."""
     x = flat.astype(np.float32)
     ones = x.sum(1)
     hamming = ones[:, None] + ones[None, :] - 2.0 * (x @ x.T)
@@ -30,8 +31,11 @@ def farthest_first(sim: np.ndarray, unit: int) -> list[int]:
     Deterministic (argmin picks the lowest index), so a schedule is reproducible."""
     if unit == 1:
         return [0]
-    i, j = np.unravel_index(np.argmin(sim), sim.shape)
-    seeds = [int(i), int(j)] if i != j else [0, 1]
+    # On probabilities S_ii < 1 (an uncertain sequence is not sure to match itself), so the diagonal
+    # is left out; on paths S_ii = 1 is the largest value and this changes nothing.
+    off = sim + np.diag(np.full(len(sim), np.inf))
+    i, j = np.unravel_index(np.argmin(off), off.shape)
+    seeds = [int(i), int(j)]
     while len(seeds) < unit:
         nearest = sim[:, seeds].max(1)
         nearest[seeds] = np.inf
@@ -63,7 +67,7 @@ def medoids(sim: np.ndarray, labels: np.ndarray, unit: int) -> list[int]:
 
 
 def cluster(flat: np.ndarray, batch_size: int, unit: int, max_iters: int) -> np.ndarray:
-    """flat bool (N, D) -> labels (N,) after at most max_iters assign/update rounds."""
+    """flat bool paths or float probabilities (N, D) -> labels (N,) after at most max_iters assign/update rounds."""
     sim = similarity_matrix(flat)
     centroids = farthest_first(sim, unit)
     labels = balanced_assign(sim[:, centroids], batch_size)
@@ -85,6 +89,6 @@ class SimilarityScheduler(Scheduler):
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
 
-    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
-        labels = cluster(paths.reshape(len(paths), -1), batch_size, unit, self.max_iters)
+    def _group(self, routing: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        labels = cluster(routing.reshape(len(routing), -1), batch_size, unit, self.max_iters)
         return Grouping.from_labels(labels, unit)

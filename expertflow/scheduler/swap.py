@@ -4,14 +4,20 @@ Shape legend: N sequences, D = L * E flattened (layer, expert) pairs, U batches 
 
 Clustering by Hamming similarity is only a proxy: two paths can be close yet each add experts their
 batch lacks. This scheduler starts from the best of the similarity and fifo groupings and applies the
-best swap of two sequences between two batches while one lowers the summed distinct pairs. Swaps keep
-batches equal by construction. A swap's gain is computed for all (i, j) at once from per-batch pair
-counts (pair counted by how many members use it):
+best swap of two sequences between two batches while one lowers the objective: the distinct pairs on
+0/1 paths, the expected distinct pairs on probabilities p (a pair is unused by a batch with probability
+prod over members of q = 1 - p). Swaps keep batches equal by construction. A swap's change is computed
+for all (i, j) at once, O(D) per candidate:
 
-  removing i from batch a frees the pairs only i uses there:  uniq_a(i) = x_i & (count_a == 1)
-  adding j to a (after i left) costs |x_j & (count_a == 0)| + |x_j & uniq_a(i)|
-so delta_a(i, j) = |x_j & zero_a| + x_j . uniq_a(i) - |uniq_a(i)|, and a swap changes the objective by
-delta_a(i, j) + delta_b(j, i): two small matrix products per batch pair.
+  Z_a       = prod_{k in a} q_k            (D,) batch a leaves each pair unused
+  R_a(i)    = prod_{k in a, k != i} q_k    (D,) ... once i has left
+  delta_a(i, j) = sum(Z_a) - R_a(i) . q_j  a's change when j takes i's place
+and a swap changes the objective by delta_a(i, j) + delta_b(j, i): two matrix products per batch pair.
+Products are kept as a count of certain members (q == 0) plus a sum of log q over the others, updated
+per swap, so no clipping is needed and 0/1 paths stay exact integers (a pair used by c members: count
+c, log sum 0; R_a(i) is nonzero where the count equals i's own);
+the deltas then equal the bool counting formula |x_j & zero_a| + x_j . uniq_a(i) - |uniq_a(i)| exactly,
+and bool and 0/1 float inputs pick the same swaps.
 """
 
 from __future__ import annotations
@@ -23,49 +29,87 @@ import numpy as np
 from expertflow.scheduler.base import Grouping, Scheduler
 from expertflow.scheduler.similarity import cluster
 
-
-def swap_deltas(x: np.ndarray, counts: np.ndarray, a_rows: np.ndarray, b_rows: np.ndarray,
-                a: int, b: int) -> np.ndarray:
-    """Objective change (|a_rows|, |b_rows|) of swapping a_rows[i] (in batch a) with b_rows[j] (in b)."""
-    xa, xb = x[a_rows], x[b_rows]                         # (B, D) float32 0/1
-    uniq_a = xa * (counts[a] == 1)                        # (B, D)
-    uniq_b = xb * (counts[b] == 1)
-    delta_a = (xb @ (counts[a] == 0))[None, :] + uniq_a @ xb.T - uniq_a.sum(1)[:, None]
-    delta_b = (xa @ (counts[b] == 0))[:, None] + xa @ uniq_b.T - uniq_b.sum(1)[None, :]
-    return delta_a + delta_b
+# Smallest objective change that counts as an improvement: far above float rounding of the deltas,
+# far below one expected pair; on 0/1 paths (integer deltas) the same as "improves by at least 1".
+MIN_GAIN = 1e-9
 
 
-def best_swap(x: np.ndarray, counts: np.ndarray, labels: np.ndarray, unit: int) -> tuple[float, int, int]:
-    """The most improving swap over all batch pairs: (delta, sequence i, sequence j); delta >= 0 if none."""
+@dataclass(frozen=True)
+class Misses:
+    """Per sequence and pair, the probability q = 1 - p that it leaves the pair unused, split for exact
+    products: `certain` marks q == 0 (counted), `log_q` holds log q elsewhere (summed)."""
+
+    q: np.ndarray          # (N, D) float64; float32 on 0/1 paths (exact there, and the products run faster)
+    certain: np.ndarray    # (N, D) float64 0/1
+    log_q: np.ndarray      # (N, D) float64, 0 where certain
+    inv_q: np.ndarray      # (N, D) float64 exp(-log_q): takes a member out of a product (1 where certain)
+    binary: bool           # every p is 0 or 1: a product of q is then its certainty test alone
+
+    @classmethod
+    def of(cls, flat: np.ndarray) -> "Misses":
+        """flat (N, D): bool paths or float probabilities in [0, 1]."""
+        q = 1.0 - flat.astype(np.float64)
+        certain = q == 0.0
+        kept_q = np.where(certain, 1.0, q)
+        binary = bool((kept_q == 1.0).all())
+        return cls(q.astype(np.float32) if binary else q, certain.astype(np.float64), np.log(kept_q),
+                   1.0 / kept_q, binary)
+
+    def rest(self, rows: np.ndarray, certain: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """(B, D) R(i) for the members `rows` of one batch with (D,) certain count and product of the
+        uncertain q `others`: nonzero where no other member is certain."""
+        alone = certain == self.certain[rows]
+        if self.binary:
+            return alone.astype(np.float32)
+        return alone * (others * self.inv_q[rows])
+
+
+def batch_factors(m: Misses, labels: np.ndarray, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U, D) count of certain members and (U, D) sum of log q, per batch."""
+    certain = np.stack([m.certain[labels == c].sum(0) for c in range(unit)])
+    log_q = np.stack([m.log_q[labels == c].sum(0) for c in range(unit)])
+    return certain, log_q
+
+
+def best_swap(m: Misses, labels: np.ndarray, certain: np.ndarray, log_q: np.ndarray,
+              unit: int) -> tuple[float, int, int]:
+    """The most improving swap over all batch pairs: (delta, sequence i, sequence j); i = -1 if none.
+    certain, log_q: (U, D) factors of the grouping `labels`."""
+    others = np.exp(log_q)                                                  # (U, D) product of uncertain q
+    kept = ((certain == 0.0) * others).sum(1)                               # (U,) sum(Z_a)
     members = [np.flatnonzero(labels == c) for c in range(unit)]
+    q = [m.q[rows] for rows in members]                                     # (B, D) per batch
+    rest = [m.rest(rows, certain[c], others[c]) for c, rows in enumerate(members)]     # (B, D) per batch
     best = (0.0, -1, -1)
     for a in range(unit):
         for b in range(a + 1, unit):
-            deltas = swap_deltas(x, counts, members[a], members[b], a, b)
-            flat = int(np.argmin(deltas))
-            i, j = divmod(flat, deltas.shape[1])
-            if deltas[i, j] < best[0] - 0.5:  # integer-valued; 0.5 absorbs float rounding
+            deltas = (kept[a] - rest[a] @ q[b].T) + (kept[b] - rest[b] @ q[a].T).T     # (B, B)
+            i, j = divmod(int(np.argmin(deltas)), deltas.shape[1])
+            if deltas[i, j] < best[0] - MIN_GAIN:
                 best = (float(deltas[i, j]), int(members[a][i]), int(members[b][j]))
     return best
 
 
-def local_search(x: np.ndarray, labels: np.ndarray, unit: int, max_swaps: int) -> np.ndarray:
-    """x float32 (N, D) 0/1, labels (N,) -> labels after best-improvement swaps until none improves."""
+def local_search(m: Misses, labels: np.ndarray, unit: int, max_swaps: int) -> np.ndarray:
+    """labels (N,) -> labels after best-improvement swaps until none improves."""
     labels = labels.copy()
-    counts = np.stack([x[labels == c].sum(0) for c in range(unit)])   # (U, D)
+    certain, log_q = batch_factors(m, labels, unit)
     for _ in range(max_swaps):
-        delta, i, j = best_swap(x, counts, labels, unit)
+        _, i, j = best_swap(m, labels, certain, log_q, unit)
         if i < 0:
             break
         a, b = labels[i], labels[j]
-        counts[a] += x[j] - x[i]
-        counts[b] += x[i] - x[j]
+        for batch, out, into in ((a, i, j), (b, j, i)):
+            certain[batch] += m.certain[into] - m.certain[out]
+            log_q[batch] += m.log_q[into] - m.log_q[out]
         labels[i], labels[j] = b, a
     return labels
 
 
-def objective(x: np.ndarray, labels: np.ndarray, unit: int) -> int:
-    return int(sum((x[labels == c].sum(0) > 0).sum() for c in range(unit)))
+def objective(m: Misses, labels: np.ndarray, unit: int) -> float:
+    """Expected distinct pairs summed over batches (the distinct pairs, on 0/1 paths)."""
+    certain, log_q = batch_factors(m, labels, unit)
+    return float((1.0 - (certain == 0.0) * np.exp(log_q)).sum())
 
 
 @dataclass
@@ -78,10 +122,10 @@ class SwapScheduler(Scheduler):
         if self.max_iters < 1 or self.max_swaps < 0:
             raise ValueError(f"max_iters must be >= 1 and max_swaps >= 0, got {self.max_iters}, {self.max_swaps}")
 
-    def _group(self, paths: np.ndarray, batch_size: int, unit: int) -> Grouping:
-        flat = paths.reshape(len(paths), -1)
-        x = flat.astype(np.float32)
-        seeds = (cluster(flat, batch_size, unit, self.max_iters), np.arange(len(paths)) // batch_size)
-        results = [local_search(x, s, unit, self.max_swaps) for s in seeds]
-        best = min(results, key=lambda labels: objective(x, labels, unit))
+    def _group(self, routing: np.ndarray, batch_size: int, unit: int) -> Grouping:
+        flat = routing.reshape(len(routing), -1)
+        m = Misses.of(flat)
+        seeds = (cluster(flat, batch_size, unit, self.max_iters), np.arange(len(routing)) // batch_size)
+        results = [local_search(m, s, unit, self.max_swaps) for s in seeds]
+        best = min(results, key=lambda labels: objective(m, labels, unit))
         return Grouping.from_labels(best, unit)
