@@ -413,12 +413,31 @@ def test_schedule_eval_with_predictor(tmp_path, capsys):
     save_model(RoutingPathModel(config), predictor)
     rc, out, _ = _run(capsys, "schedule-eval", "--traces", str(traces), "--batch-size", "2",
                       "--schedule-unit", "2", "--schedulers", "fifo,swap", "--predictor", str(predictor), "--json")
-    assert rc == 0
+    assert rc == 0 and "predicted-prob" in out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
-    assert {(r["routing"], r["scheduler"]) for r in rows} == {("true", "fifo"), ("true", "swap"),
-                                                              ("predicted", "fifo"), ("predicted", "swap")}
+    assert [(r["routing"], r["scheduler"]) for r in rows] == [
+        (routing, name) for routing in ("true", "predicted", "predicted-prob") for name in ("fifo", "swap")]
     fifo = {r["routing"]: r["distinct_per_batch"] for r in rows if r["scheduler"] == "fifo"}
-    assert fifo["true"] == fifo["predicted"]      # fifo ignores routing; both are scored on the true one
+    # fifo ignores routing; every source is scored on the true one
+    assert fifo["true"] == fifo["predicted"] == fifo["predicted-prob"]
+    assert len({r["instances"] for r in rows}) == 1 and all(r["exact_tried"] > 0 for r in rows)
+
+
+def test_schedule_eval_probability_rows_follow_the_probabilities():
+    # evaluate() on hand-made probabilities: the predicted-prob rows schedule on them (the right way,
+    # as in test_probabilities_change_the_grouping_the_right_way), the predicted rows on their top-1.
+    from expertflow.scheduler.evaluate import ScheduleEvalConfig, evaluate
+
+    sure, torn = [0.9, 0.1], [0.45, 0.4]
+    probs = [np.array([p] * 2, dtype=np.float32)[:, None, :] for p in (sure, torn, sure, torn)]   # (G, L, E)
+    true = [routing_paths(np.full((2, 1, 1), e), num_experts=2) for e in (0, 1, 0, 1)]
+    top1 = [routing_paths(np.zeros((2, 1, 1), np.int64), num_experts=2)] * 4
+    config = ScheduleEvalConfig(batch_sizes=(2,), units=(2,), schedulers=("fifo", "swap"))
+    rows = {(r.routing, r.scheduler): r for r in evaluate(true, top1, config, probs)}
+    assert rows[("predicted", "swap")].distinct_per_batch == 2.0 == rows[("predicted", "fifo")].distinct_per_batch
+    assert rows[("predicted-prob", "swap")].distinct_per_batch == 1.0
+    assert rows[("predicted-prob", "swap")].reduction_vs_fifo == 0.5
+    assert rows[("predicted-prob", "swap")].gap_to_exact == 0.0 < rows[("predicted", "swap")].gap_to_exact
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -19,6 +19,9 @@ from expertflow.scheduler.evaluate import Paths, Row, ScheduleEvalConfig, evalua
 from expertflow.traces import TraceSet, read_traces
 
 
+HATCHES = {"predicted": "//", "predicted-prob": ".."}     # routing source -> bar hatch (true: plain)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("schedule-eval", help="distinct experts per batch under each token scheduler, "
                                                     "replayed from a trace file")
@@ -29,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedulers", type=_name_list, default=None, metavar="NAME[,NAME...]",
                    help="default fifo,similarity,swap")
     p.add_argument("--predictor", type=Path, default=None,
-                   help="predictor directory: also schedule from its predicted routing (scored on the true one)")
+                   help="predictor directory: also schedule from its predicted routing, as top-k paths and as "
+                        "probabilities (scored on the true one)")
     p.add_argument("--exact-nodes", type=int, default=None, help="branch-and-bound nodes per exact instance")
     p.add_argument("--exact-instances", type=int, default=None, help="instances per cell for the exact solver")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor")
@@ -58,8 +62,8 @@ def _config(args: argparse.Namespace) -> ScheduleEvalConfig:
         raise ExpertflowError(str(exc)) from None
 
 
-def predicted_paths(traces: TraceSet, directory: Path, threads: int) -> Paths:
-    """Top-k of the predictor's probabilities for every generated token: bool (G, L, E) per sequence."""
+def predicted_probabilities(traces: TraceSet, directory: Path, threads: int) -> Paths:
+    """The predictor's activation probabilities for every generated token: float32 (G, L, E) per sequence."""
     import torch
 
     from expertflow.predictor.runtime import RoutingPredictor
@@ -70,10 +74,14 @@ def predicted_paths(traces: TraceSet, directory: Path, threads: int) -> Paths:
     if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
         raise ExpertflowError(f"the trace has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "
                               f"predicts L={c.num_layers} E={c.num_experts} K={c.top_k}")
+    return [predictor.predict_array(seq.token_ids)[len(seq.prompt_ids):] for seq in traces.sequences]
+
+
+def top_k_paths(probabilities: Paths, top_k: int) -> Paths:
+    """Top-k of each token's probabilities per layer: bool (G, L, E) per sequence."""
     out = []
-    for seq in traces.sequences:
-        probs = predictor.predict_array(seq.token_ids)[len(seq.prompt_ids):]         # (G, L, E)
-        top = np.argsort(-probs, axis=-1, kind="stable")[..., : h.top_k]
+    for probs in probabilities:
+        top = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
         mask = np.zeros(probs.shape, dtype=bool)
         np.put_along_axis(mask, top, True, axis=-1)
         out.append(mask)
@@ -88,8 +96,9 @@ def run_schedule_eval(args: argparse.Namespace) -> int:
     if args.predictor is not None and args.threads < 1:
         raise ExpertflowError(f"--threads must be >= 1, got {args.threads}")
     true = generated_paths(traces)
-    predicted = predicted_paths(traces, args.predictor, args.threads) if args.predictor else None
-    rows = evaluate(true, predicted, config)
+    probs = predicted_probabilities(traces, args.predictor, args.threads) if args.predictor else None
+    predicted = top_k_paths(probs, traces.header.top_k) if probs else None
+    rows = evaluate(true, predicted, config, probs)
     if not rows:
         raise ExpertflowError(f"{args.traces} has {len(true)} sequences, fewer than the smallest unit of "
                               f"{min(config.units)} x {min(config.batch_sizes)}; use smaller --batch-size or "
@@ -139,7 +148,7 @@ def _plot(rows: list[Row], path: Path) -> None:
         values = {(r.unit, r.batch_size): 100 * r.reduction_vs_fifo for r in rows
                   if (r.routing, r.scheduler) == (routing, name)}
         ax.bar(np.arange(len(cells)) + k * width, [values.get(c, 0.0) for c in cells], width,
-               label=f"{name} ({routing} routing)", hatch="//" if routing == "predicted" else None)
+               label=f"{name} ({routing} routing)", hatch=HATCHES.get(routing))
     ax.set_xticks(np.arange(len(cells)) + width * (len(series) - 1) / 2, [f"{u} x {b}" for u, b in cells])
     ax.set_xlabel("scheduling unit: batches x batch size")
     ax.set_ylabel("fewer distinct experts per batch than fifo (%)")

@@ -5,8 +5,10 @@ Shape legend: N = U * B sequences of a unit, G generated tokens of a sequence, L
 Sequences are cut into units of U * B in input order (as fifo batching would); step j of a unit is one
 scheduling instance: the routing of each sequence's j-th generated token, for the steps where all the
 unit's sequences still decode (a unit with finished sequences would need refilling, which is the
-engine's business). Each scheduler groups every instance from its input routing (true, or predicted);
-the grouping is always scored on the TRUE routing. The exact solver gives the optimum where it can.
+engine's business). Each scheduler groups every instance from its input routing (true; predicted =
+the top-k of the predictor's probabilities; predicted-prob = the probabilities themselves, scheduled on
+the expected distinct pairs); the grouping is always scored on the TRUE routing. The exact solver gives
+the optimum where it can.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from expertflow.scheduler import SCHEDULERS, ExactLimitError, Grouping, Schedule
 from expertflow.scheduler.exact import solve
 from expertflow.traces import TraceSet
 
-# Per sequence, bool (G, L, E) paths of its generated tokens.
+# Per sequence, (G, L, E) routing of its generated tokens: bool paths, or float probabilities.
 Paths = list[np.ndarray]
 
 
@@ -54,7 +56,7 @@ class Row:
 
     batch_size: int
     unit: int
-    routing: str                      # "true" or "predicted": what the scheduler saw
+    routing: str                      # "true", "predicted" or "predicted-prob": what the scheduler saw
     scheduler: str
     instances: int
     distinct_per_batch: float         # mean over batches, scored on the true routing
@@ -110,13 +112,13 @@ def true_optima(cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int, uni
 
 
 def evaluate_cell(cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int, unit: int, routing: str,
-                  optima: dict[int, int | None], config: ScheduleEvalConfig) -> list[Row]:
+                  optima: dict[int, int | None], config: ScheduleEvalConfig, probabilities: bool = False) -> list[Row]:
     """All schedulers on one (B, U, routing) set of instances; the first row is fifo."""
     solved = {i: c for i, c in optima.items() if c is not None}
     names = ["fifo", *(s for s in config.schedulers if s != "fifo")]
     rows = []
     for name in names:
-        costs, seconds = _run(SCHEDULERS[name](), cases, batch_size, unit)
+        costs, seconds = _run(SCHEDULERS[name](), cases, batch_size, unit, probabilities)
         fifo = rows[0].distinct_per_batch if rows else None
         mean = float(np.mean(costs)) / unit
         gap = (sum(costs[i] for i in solved) / sum(solved.values()) - 1.0) if solved else None
@@ -127,11 +129,11 @@ def evaluate_cell(cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int, u
 
 
 def _run(scheduler: Scheduler, cases: list[tuple[np.ndarray, np.ndarray]], batch_size: int,
-         unit: int) -> tuple[list[int], float]:
+         unit: int, probabilities: bool) -> tuple[list[int], float]:
     costs, seconds = [], 0.0
     for true, seen in cases:
         start = time.perf_counter()
-        grouping: Grouping = scheduler.group(seen, batch_size, unit)
+        grouping: Grouping = scheduler.group(seen, batch_size, unit, probabilities=probabilities)
         seconds += time.perf_counter() - start
         costs.append(total_distinct(true, grouping))
     return costs, seconds
@@ -145,16 +147,20 @@ def _exact_sample(count: int, batch_size: int, unit: int, config: ScheduleEvalCo
     return sorted({int(i) for i in np.linspace(0, count - 1, take)}) if take else []
 
 
-def evaluate(true: Paths, predicted: Paths | None, config: ScheduleEvalConfig) -> list[Row]:
-    """Rows per (U, B, routing, scheduler); a (U, B) with no full unit in the trace has no rows."""
+def evaluate(true: Paths, predicted: Paths | None, config: ScheduleEvalConfig,
+             probabilities: Paths | None = None) -> list[Row]:
+    """Rows per (U, B, routing, scheduler); a (U, B) with no full unit in the trace has no rows.
+    predicted: bool paths (the predictor's top-k); probabilities: its float (G, L, E) per sequence."""
     rows = []
-    sources: Sequence[tuple[str, Paths]] = [("true", true)] + ([("predicted", predicted)] if predicted else [])
+    sources: Sequence[tuple[str, Paths, bool]] = [("true", true, False)]
+    sources += [("predicted", predicted, False)] if predicted else []
+    sources += [("predicted-prob", probabilities, True)] if probabilities else []
     for unit in config.units:
         for batch_size in config.batch_sizes:
             if len(true) < batch_size * unit:
                 continue
             optima = true_optima(instances(true, true, batch_size, unit), batch_size, unit, config)
-            for routing, inputs in sources:
+            for routing, inputs, is_prob in sources:
                 cases = instances(true, inputs, batch_size, unit)
-                rows.extend(evaluate_cell(cases, batch_size, unit, routing, optima, config))
+                rows.extend(evaluate_cell(cases, batch_size, unit, routing, optima, config, is_prob))
     return rows
