@@ -181,20 +181,24 @@ class BatchRunner:
         batches = math.ceil(n / self.batch_size)
         if self.scheduler.name == "fifo" or batches == 1:
             return None
-        paths = self._paths(members)
+        routing, probabilities = self._routing(members)
         size = math.ceil(n / batches)
-        ghosts = np.zeros((batches * size - n, *paths.shape[1:]), dtype=bool)  # activate nothing: pad to equal
-        grouping: Grouping = self.scheduler.group(np.concatenate([paths, ghosts]), size, batches)
+        ghosts = np.zeros((batches * size - n, *routing.shape[1:]), dtype=routing.dtype)  # activate nothing
+        grouping: Grouping = self.scheduler.group(np.concatenate([routing, ghosts]), size, batches,
+                                                  probabilities=probabilities)
         return [[i for i in rows if i < n] for rows in grouping.batches]
 
-    def _paths(self, members: list[Sequence]) -> np.ndarray:
-        """(N, L, E) routing paths to schedule on: the forecast's top-k, else the previous token's routing."""
+    def _routing(self, members: list[Sequence]) -> tuple[np.ndarray, bool]:
+        """(N, L, E) routing to schedule on, and whether it is probabilities: the forecast (its top-k for a
+        scheduler that needs 0/1 paths), else the previous token's routing."""
         if members[0].forecast is not None:
             probs = np.stack([s.forecast for s in members])
+            if self.scheduler.takes_probabilities:
+                return probs, True
             ids = np.argsort(-probs, axis=-1, kind="stable")[..., : self.parts.adapter.top_k]
         else:
             ids = np.stack([s.last_routing for s in members]).astype(np.int64)
-        return routing_paths(ids, self.parts.adapter.num_experts)
+        return routing_paths(ids, self.parts.adapter.num_experts), False
 
     def run_batch(self, batch: Batch) -> int:
         """Forward each member's last token; returns the distinct (layer, expert) pairs the batch used."""
