@@ -353,6 +353,37 @@ def test_expected_distinct_checks_its_inputs():
         expected_distinct(np.full((4, 1, 2), 2.0), Grouping.identity(4, 2))
 
 
+@pytest.mark.parametrize("name", ["swap", "exact"])
+def test_live_loop_hands_the_forecast_probabilities_to_the_scheduler(tiny_mixtral_dir, name):
+    """With an RPP, a scheduler that takes probabilities gets the forecasts themselves; exact gets their
+    top-k paths. Either way each sequence decodes as it does alone."""
+    import expertflow
+    from expertflow.batching import BatchRunner
+    from tests.test_batching import PROMPTS, RandomPredictor
+
+    class Recording(SCHEDULERS[name]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[np.ndarray, bool]] = []
+
+        def group(self, routing, batch_size, unit=2, num_experts=None, *, probabilities=False):
+            self.seen.append((routing, probabilities))
+            return super().group(routing, batch_size, unit, num_experts, probabilities=probabilities)
+
+    model = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8, predictor=RandomPredictor(3, 8))
+    scheduler = Recording()
+    out = BatchRunner(model.engine, scheduler, 2, 2, pipeline=False).run(PROMPTS[:4], max_new_tokens=4)
+    alone = expertflow.from_pretrained(tiny_mixtral_dir)
+    assert out.sequences == [alone.generate(input_ids=[p], max_new_tokens=4).sequences[0] for p in PROMPTS[:4]]
+    assert scheduler.seen
+    for routing, probabilities in scheduler.seen:
+        assert routing.shape[1:] == (3, 8)
+        if name == "swap":
+            assert probabilities and routing.dtype == np.float32 and 0 < routing.max() < 1
+        else:
+            assert not probabilities and routing.dtype == bool and (routing.sum(-1) <= 2).all()
+
+
 # ---------------------------------------------------------------- schedule-eval end to end
 
 def synthetic_traces(path, sequences: int = 16, layers: int = 4, experts: int = 8, top_k: int = 2) -> None:
