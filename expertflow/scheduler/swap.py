@@ -57,11 +57,14 @@ class Misses:
 
     def rest(self, rows: np.ndarray, certain: np.ndarray, others: np.ndarray) -> np.ndarray:
         """(B, D) R(i) for the members `rows` of one batch with (D,) certain count and product of the
-        uncertain q `others`: nonzero where no other member is certain."""
-        alone = certain == self.certain[rows]
+        uncertain q `others`: zero where another member is certain (its count exceeds i's own)."""
         if self.binary:
-            return alone.astype(np.float32)
-        return alone * (others * self.inv_q[rows])
+            return (certain == self.certain[rows]).astype(np.float32)
+        out = others * self.inv_q[rows]
+        cols = np.flatnonzero(certain)          # few on probabilities (p == 1 is rare): mask only those
+        if len(cols):
+            out[:, cols] *= certain[cols] == self.certain[np.ix_(rows, cols)]
+        return out
 
 
 def batch_factors(m: Misses, labels: np.ndarray, unit: int) -> tuple[np.ndarray, np.ndarray]:
