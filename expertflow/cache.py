@@ -4,7 +4,7 @@ Slot bookkeeping and counters live in `Residency` and the per-forward order in `
 Python, shared with the simulator); this class adds the tensors: it owns the slot buffers and copies
 experts in from the slow-tier store. Policies that prefetch get a `TransferWorker`: copies run in the
 background (`io_threads` at once) and a layer waits only for the experts it uses; demand copies jump the
-queue. On CUDA the copy runs on a side stream from pinned host memory and the compute stream waits only
+queue, and a layer copies an expert it needs itself unless a reader has already started it. On CUDA the copy runs on a side stream from pinned host memory and the compute stream waits only
 for that copy; every reader thread enqueues on the same side stream, so copies into a slot stay in the
 order the worker started them (the slow part, the disk read, still runs in parallel on the host).
 """
@@ -84,7 +84,7 @@ class ExpertCache:
             placement = self.residency.use(key)
             self.residency.pin(key)
             if placement.loaded:
-                self._start(key, placement, DEMAND)
+                self._start(key, placement, DEMAND, queued=False)  # copied by this thread in `_await`
             transfer = self._in_flight.pop(key, None)
             slot = self._slots[placement.slot]
         if transfer is not None:
@@ -103,8 +103,9 @@ class ExpertCache:
         for key, placement in issued:
             self._start(key, placement, PREFETCH)
 
-    def _start(self, key: Key, placement: Placement, priority: int) -> None:
-        """Fill `placement`'s slot with `key`: now without a worker, else as a queued transfer."""
+    def _start(self, key: Key, placement: Placement, priority: int, queued: bool = True) -> None:
+        """Fill `placement`'s slot with `key`: now without a worker, else as a queued transfer (or, not
+        `queued`, one the caller runs itself when it awaits it)."""
         if placement.evicted is not None:
             self._in_flight.pop(placement.evicted, None)
         self._generation[placement.slot] += 1
@@ -114,12 +115,13 @@ class ExpertCache:
         if self._worker is None:
             self._wait_event(self._copy(key, placement.slot))
             return
-        self._in_flight[key] = self._worker.submit(key, placement.slot, self._generation[placement.slot], priority)
+        generation = self._generation[placement.slot]
+        self._in_flight[key] = (self._worker.submit(key, placement.slot, generation, priority) if queued
+                                else self._worker.track(key, placement.slot, generation))
 
     def _await(self, transfer: Transfer) -> None:
         start = time.perf_counter()
-        self._worker.expedite(transfer)
-        self._wait_event(self._worker.wait(transfer))
+        self._wait_event(self._worker.finish(transfer))
         self.wait_seconds += time.perf_counter() - start
 
     def _is_current(self, slot: int, generation: int) -> bool:

@@ -1,7 +1,9 @@
 """Background expert transfers: `readers` worker threads, one priority queue, a future per transfer.
 
 Demand loads (a layer is waiting) go ahead of prefetches: a free reader always takes the most urgent
-queued transfer. A transfer whose slot was handed to another expert before it started is skipped. Two
+queued transfer. A layer that needs a transfer no reader has started runs the copy itself (`finish`), so a
+demand load or a late prefetch costs no thread handoff: on a busy machine, waking a reader and being woken
+back costs more than the copy's wait. A transfer whose slot was handed to another expert before it started is skipped. Two
 copies into the same slot never run at once: a slot can be reassigned while a copy into it is still
 running (an in-flight prefetch may be evicted), so its next copy waits until that one has finished,
 and the last assignment's bytes are the ones left in the slot. A failed copy fails its future, and the
@@ -55,6 +57,7 @@ class TransferWorker:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._busy_slots: set[int] = set()  # slots a running copy is writing
+        self._claiming = 0                  # callers of `finish` waiting for a busy slot
         self._closed = False
         self._stopped_by: BaseException | None = None
         self._threads = [threading.Thread(target=self._run, name=f"expertflow-transfers-{i}", daemon=True)
@@ -66,6 +69,18 @@ class TransferWorker:
         transfer = Transfer(key, slot, generation)
         self._push(transfer, priority)
         return transfer
+
+    def track(self, key: Key, slot: int, generation: int) -> Transfer:
+        """A transfer the caller will run itself with `finish`: never queued, so no reader is woken for it."""
+        if self._closed or not self._running():
+            raise ExpertflowError("the expert transfer worker is not running; reload the model")
+        return Transfer(key, slot, generation)
+
+    def finish(self, transfer: Transfer) -> object:
+        """A layer needs the transfer now: copy it on this thread unless a reader has started it (then wait)."""
+        if self._claim(transfer):
+            self._execute(transfer)
+        return self.wait(transfer)
 
     def expedite(self, transfer: Transfer) -> None:
         """A layer now waits for this transfer: move it ahead of the prefetches."""
@@ -126,15 +141,36 @@ class TransferWorker:
                 continue  # the other queue entry of an expedited transfer
             if transfer.slot in self._busy_slots:
                 waiting.append(entry)
-            elif not self._is_current(transfer.slot, transfer.generation):
-                transfer.future.cancel()
-            else:
-                transfer.future.set_running_or_notify_cancel()
-                self._busy_slots.add(transfer.slot)
+            elif self._start(transfer):
                 found = transfer
         for entry in waiting:
             heapq.heappush(self._heap, entry)
         return found
+
+    def _claim(self, transfer: Transfer) -> bool:
+        """Mark a transfer no reader has started as running on the calling thread, once no copy writes its
+        slot; False if a reader has it, it is stale (cancelled), or the worker stopped (`wait` says so)."""
+        with self._cond:
+            self._claiming += 1
+            try:
+                while not (transfer.future.done() or transfer.future.running()):
+                    if transfer.slot not in self._busy_slots:
+                        return self._start(transfer)
+                    if not self._running():
+                        return False
+                    self._cond.wait(timeout=_POLL_SECONDS)
+                return False
+            finally:
+                self._claiming -= 1
+
+    def _start(self, transfer: Transfer) -> bool:
+        """Mark a queued or tracked transfer running (caller holds the lock); a stale one is cancelled."""
+        if not self._is_current(transfer.slot, transfer.generation):
+            transfer.future.cancel()
+            return False
+        transfer.future.set_running_or_notify_cancel()
+        self._busy_slots.add(transfer.slot)
+        return True
 
     def _run(self) -> None:
         try:
@@ -153,7 +189,8 @@ class TransferWorker:
         finally:
             with self._cond:
                 self._busy_slots.discard(transfer.slot)
-                self._cond.notify_all()  # a transfer queued behind this slot may start now
+                if self._heap or self._claiming:  # a transfer behind this slot may start now (else wake nobody)
+                    self._cond.notify_all()
 
     def _fail_pending(self) -> None:
         with self._cond:

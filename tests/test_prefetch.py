@@ -243,3 +243,64 @@ def test_greedy_tokens_exact_with_parallel_disk_reads(embedded_model_dir, embedd
         assert m.stats.expert_loads > 24  # the cache really turned over
     finally:
         m.close()
+
+
+def test_finish_copies_a_queued_transfer_on_the_callers_thread_once():
+    threads = []
+    gate = _Gate()  # holds the only reader on a first transfer
+
+    def copy(key, slot):
+        if key == (0, 0):
+            gate(key, slot)
+        threads.append((key, threading.current_thread().name))
+
+    worker = TransferWorker(copy, lambda slot, generation: True)
+    busy = worker.submit((0, 0), 0, 1, PREFETCH)
+    gate.started.wait(timeout=5)
+    queued = worker.submit((0, 1), 1, 1, PREFETCH)
+    worker.finish(queued)  # no reader is free: the caller copies it instead of waiting
+    gate.open.set()
+    worker.wait(busy)
+    worker.close()
+    assert threads == [((0, 1), threading.current_thread().name), ((0, 0), "expertflow-transfers-0")]
+
+
+def test_finish_waits_for_a_running_copy_and_for_a_busy_slot():
+    readers = _Readers()
+    current = {0: 1}
+    worker = TransferWorker(readers, lambda slot, generation: current[slot] == generation, readers=2)
+    running = worker.submit((0, 1), 0, 1, PREFETCH)
+    readers.await_starts(1)
+    current[0] = 2  # slot 0 reassigned while its old copy runs: the demand copy waits for that one
+    demand = worker.track((0, 2), 0, 2)
+    readers.release((0, 2))
+    done = threading.Thread(target=worker.finish, args=(demand,))
+    done.start()
+    assert readers.await_starts(1) == [(0, 1)]  # the demand has not started: its slot is busy
+    readers.release((0, 1))
+    done.join(timeout=5)
+    worker.finish(running)  # already copied by a reader: nothing is copied again
+    assert readers.started == [(0, 1), (0, 2)]
+    assert readers.log.index(("end", (0, 1))) < readers.log.index(("start", (0, 2)))
+    worker.close()
+
+
+class _ThreadStore:
+    numel, dtype, expert_bytes, refs = 4, torch.float32, 16, {}
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[tuple[int, int], str]] = []
+
+    def read_into(self, key, out):
+        self.reads.append((key, threading.current_thread().name))
+
+
+def test_live_cache_copies_a_demand_load_on_the_layers_thread():
+    store = _ThreadStore()
+    cache = ExpertCache(Residency(4, PLECPolicy(4, [0, 1], 8, 2)), store, torch.device("cpu"), background=True)
+    cache.begin_step({})
+    cache.route(0, [(0, 5)])
+    cache.acquire((0, 5))  # a miss: a demand load
+    cache.release((0, 5))
+    cache.close()
+    assert store.reads == [((0, 5), threading.current_thread().name)]
