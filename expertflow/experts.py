@@ -32,6 +32,9 @@ class OffloadedExperts(nn.Module):
         self._adapter = adapter
         self._cache = cache
         self._observer = observer
+        # Weight views of each fast-tier slot this layer used, by the slot's address: slots live as long as
+        # the cache, and the views keep their storage alive, so an address names one slot.
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"
@@ -45,17 +48,53 @@ class OffloadedExperts(nn.Module):
             self._observer(self.layer, top_k_index)
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            expert_ids = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]
-            by_expert = top_k_index.t()  # (K, T): torch.where over it yields (k, token) pairs in eager's order
+            one_token = self._one_token_routing(hidden_states, top_k_index)
+            expert_ids = [e for e, _ in one_token] if one_token is not None else \
+                [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]
         self._cache.route(self.layer, [(self.layer, e) for e in expert_ids])
-        for expert in expert_ids:
-            top_k_pos, token_idx = torch.where(by_expert == expert)
-            flat = self._cache.acquire((self.layer, expert))
-            try:
-                out = self._adapter.expert_forward(hidden_states[token_idx], self._adapter.layout.views(flat))
-            finally:
-                self._cache.release((self.layer, expert))
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+        if one_token is not None:
+            self._run_one_token(hidden_states, top_k_weights, one_token, final_hidden_states)
+        else:
+            self._run_tokens(hidden_states, top_k_index, top_k_weights, expert_ids, final_hidden_states)
         self._cache.finish_layer(self.layer)
         return final_hidden_states
+
+    def _run_tokens(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                    expert_ids: list[int], final_hidden_states: torch.Tensor) -> None:
+        """transformers' eager loop: each expert on the tokens routed to it, in expert order."""
+        by_expert = top_k_index.t()  # (K, T): torch.where over it yields (k, token) pairs in eager's order
+        for expert in expert_ids:
+            top_k_pos, token_idx = torch.where(by_expert == expert)
+            out = self._expert(expert, hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+
+    def _one_token_routing(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> list[tuple[int, int]] | None:
+        """(expert, k) pairs in expert order for a single token routed to distinct experts, else None.
+
+        One decoding token is the common case at batch 1; its loop needs no index tensors (below)."""
+        if hidden_states.shape[0] != 1 or not hidden_states.is_contiguous():
+            return None
+        row = top_k_index[0].tolist()
+        routed = sorted((e, k) for k, e in enumerate(row) if 0 <= e < self.num_experts)
+        return routed if len({e for e, _ in routed}) == len(routed) else None
+
+    def _run_one_token(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
+                       routed: list[tuple[int, int]], final_hidden_states: torch.Tensor) -> None:
+        """The eager loop for T = 1 with views instead of gathers: the same values through the same ops
+        (x is the token's row, the weight a (1, 1) view, index_add_ of one row an add), so the same bits."""
+        for expert, k in routed:
+            out = self._expert(expert, hidden_states) * top_k_weights[:, k : k + 1]
+            final_hidden_states.add_(out if out.dtype == final_hidden_states.dtype else out.to(final_hidden_states.dtype))
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens x (T, H), its weights held in the cache while it runs."""
+        key = (self.layer, expert)
+        flat = self._cache.acquire(key)
+        try:
+            views = self._views.get(flat.data_ptr())
+            if views is None:
+                views = self._views[flat.data_ptr()] = self._adapter.layout.views(flat)
+            return self._adapter.expert_forward(x, views)
+        finally:
+            self._cache.release(key)
