@@ -3,9 +3,8 @@
 The paper budgets < 10 ms of CPU per decision (section 3.3.2). Routing paths are drawn with a skewed
 per-layer expert popularity, like real routers, from a fixed seed, or with `--traces FILE` taken from
 recorded decode steps (units of consecutive sequences, as schedule-eval cuts them). Each scheduler that
-takes probabilities is also timed on probability input: drawn around the paths (sigmoid(+-3 + noise),
-about 2 expected experts per layer like a calibrated RPP), or with `--traces` and `--predictor DIR` the
-RPP's own forecasts of those steps. Warm-up, then the median of `--repeats` timed calls per scheduler and
+takes probabilities is also timed on probability input: drawn around the paths (`soft_routing`), or
+with `--traces` and `--predictor DIR` the RPP's own forecasts of those steps. Warm-up, then the median of `--repeats` timed calls per scheduler and
 input; prints a table and a final JSON line.
 
     python bench/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
