@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from expertflow.embedded import EMBEDDED_MODEL_DIR
+from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
+from expertflow.policies import policy_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_NAMES = ("host", "disk")
@@ -41,7 +42,8 @@ class EngineConfig:
     store: str = "host"
     device: str = "cpu"
     dtype: str = "float32"
-    predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it)
+    predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it); the
+                                           # embedded model's own when it runs a forecasting policy
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
     drop_page_cache: bool = False          # disk store: drop each read from the OS page cache (really read the disk)
     io_threads: int = 1                    # expert transfers run at once (a device serving parallel reads gains)
@@ -78,6 +80,11 @@ class EngineConfig:
             raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if self.policy is None:
             self.policy = "none" if self.cache_experts is None and self.cache_bytes is None else "lru"
+        if self.predictor is None and self._embedded_model() and policy_class(self.policy).uses_forecast:
+            self.predictor = EMBEDDED_PREDICTOR_DIR  # shipped with the package for exactly this model
+
+    def _embedded_model(self) -> bool:
+        return self.model.resolve() == EMBEDDED_MODEL_DIR.resolve()
 
     @property
     def torch_dtype(self) -> torch.dtype:
