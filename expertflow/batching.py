@@ -52,7 +52,6 @@ class Sequence:
     last_routing: np.ndarray | None = None  # (L, K) experts the last token fed to the model used
     forecast: np.ndarray | None = None      # (L, E) predicted probabilities for the next token fed
     rpp_state: object | None = None         # the RPP's incremental state for this sequence
-    rpp_start: list[Sequence] | None = None  # its prefill batch, whose RPP states start together on the worker
 
 
 @dataclass
@@ -121,9 +120,10 @@ class BatchRunner:
         routing = self._take_routing(len(members), ids.shape[1])
         for row, seq in enumerate(members):
             seq.last_routing = routing[row, -1]
-        if self._predicts:  # feeding the prompts to the RPP is left to the worker (`_predict`), off the model's thread
-            for seq in members:
-                seq.rpp_start = members
+        if self._predicts:
+            states, _ = self.engine.predictor.start_rows([s.prompt for s in members])
+            for seq, state in zip(members, states):
+                seq.rpp_state = state
         return Batch(members, KVBatch(cache, mask), logits)
 
     def sample(self, batches: list[Batch], finished: list[Sequence]) -> list[Batch]:
@@ -170,20 +170,10 @@ class BatchRunner:
         every live sequence, each carrying its own state (so regrouping costs nothing here)."""
         if not self._predicts:
             return
-        self._start_states(members)
         states, probs = self.engine.predictor.step_rows([s.rpp_state for s in members],
                                                         [s.generated[-1] for s in members])
         for seq, state, p in zip(members, states, probs.float().cpu().numpy()):
             seq.rpp_state, seq.forecast = state, p
-
-    def _start_states(self, members: list[Sequence]) -> None:
-        """RPP states of sequences just prefilled, from their prompts, one start per prefill batch (all of it,
-        members that finished since included, so each state is the one a start on the main thread made)."""
-        batches = {id(seq.rpp_start): seq.rpp_start for seq in members if seq.rpp_start is not None}
-        for batch in batches.values():
-            states, _ = self.engine.predictor.start_rows([s.prompt for s in batch])
-            for seq, state in zip(batch, states):
-                seq.rpp_state, seq.rpp_start = state, None
 
     def _group(self, members: list[Sequence]) -> list[list[int]] | None:
         """Rows of each new batch, or None to keep the batches as they are (fifo, or one batch)."""

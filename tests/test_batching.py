@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -70,21 +69,6 @@ def test_a_failing_predictor_surfaces_in_the_caller(tiny_mixtral_dir):
     with pytest.raises(RuntimeError, match="predictor exploded"):
         m.generate_many(input_ids=PROMPTS, batch_size=2, scheduler="similarity", max_new_tokens=4)
     assert not m.engine.recorder.enabled
-
-
-def test_prompts_are_fed_to_the_rpp_on_the_scheduling_worker_once_per_prefill_batch(tiny_mixtral_dir):
-    started: list[tuple[str, int]] = []
-
-    class Recording(RandomPredictor):
-        def start_rows(self, token_ids):
-            started.append((threading.current_thread().name, len(token_ids)))
-            return super().start_rows(token_ids)
-
-    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8, policy="expertflow", predictor=Recording(3, 8))
-    out = m.generate_many(input_ids=PROMPTS, batch_size=2, scheduler="similarity", max_new_tokens=NEW_TOKENS)
-    assert out.sequences == _alone(expertflow.from_pretrained(tiny_mixtral_dir), PROMPTS)
-    assert all(name.startswith("expertflow-schedule") for name, _ in started)
-    assert sorted(rows for _, rows in started) == [1, 2, 2, 2]  # 7 prompts in prefill batches of 2
 
 
 def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
