@@ -69,7 +69,8 @@ class OffloadedExperts(nn.Module):
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
 
-    def _one_token_routing(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> list[tuple[int, int]] | None:
+    def _one_token_routing(self, hidden_states: torch.Tensor,
+                           top_k_index: torch.Tensor) -> list[tuple[int, int]] | None:
         """(expert, k) pairs in expert order for a single token routed to distinct experts, else None.
 
         One decoding token is the common case at batch 1; its loop needs no index tensors (below)."""
@@ -85,7 +86,8 @@ class OffloadedExperts(nn.Module):
         (x is the token's row, the weight a (1, 1) view, index_add_ of one row an add), so the same bits."""
         for expert, k in routed:
             out = self._expert(expert, hidden_states) * top_k_weights[:, k : k + 1]
-            final_hidden_states.add_(out if out.dtype == final_hidden_states.dtype else out.to(final_hidden_states.dtype))
+            same = out.dtype == final_hidden_states.dtype
+            final_hidden_states.add_(out if same else out.to(final_hidden_states.dtype))
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens x (T, H), its weights held in the cache while it runs."""

@@ -1,14 +1,14 @@
 """Background expert transfers: `readers` worker threads, one priority queue, a future per transfer.
 
-Demand loads (a layer is waiting) go ahead of prefetches: a free reader always takes the most urgent
-queued transfer. A layer that needs a transfer no reader has started runs the copy itself (`finish`), so a
-demand load or a late prefetch costs no thread handoff: on a busy machine, waking a reader and being woken
-back costs more than the copy's wait. A transfer whose slot was handed to another expert before it started is skipped. Two
-copies into the same slot never run at once: a slot can be reassigned while a copy into it is still
-running (an in-flight prefetch may be evicted), so its next copy waits until that one has finished,
-and the last assignment's bytes are the ones left in the slot. A failed copy fails its future, and the
-caller waiting on it gets an `ExpertflowError`; if a reader itself stops, the worker stops and every
-waiter learns so within a poll interval: no hangs.
+Demand loads (a layer is waiting) go ahead of prefetches: a free reader always takes the most urgent queued
+transfer. A layer that needs a transfer no reader has started runs the copy itself (`finish`), so a demand
+load or a late prefetch costs no thread handoff (on a busy machine, waking a reader and being woken back costs
+more than the copy). A transfer whose slot was handed to another expert before it started is skipped. Two
+copies into the same slot never run at once: a slot can be reassigned while a copy into it is still running
+(an in-flight prefetch may be evicted), so its next copy waits until that one has finished, and the last
+assignment's bytes are the ones left in the slot. A failed copy fails its future, and the caller waiting on it
+gets an `ExpertflowError`; if a reader itself stops, the worker stops and every waiter learns so within a poll
+interval: no hangs.
 """
 
 from __future__ import annotations
