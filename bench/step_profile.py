@@ -33,8 +33,8 @@ from pathlib import Path
 
 # (category, a frame that marks it), first match wins, checked on main-thread stacks (innermost frames last).
 MAIN_RULES = [
+    ("copy on main thread", "_copy (expertflow/cache.py"),  # a layer's own copy (inside `_await`)
     ("wait for transfer", "_await (expertflow/cache.py"),
-    ("copy on main thread", "_copy (expertflow/cache.py"),
     ("worker handoff (submit)", "_push (expertflow/prefetch.py"),
     ("planning (policy+planner)", "begin_step (expertflow/cache.py"),
     ("planning (policy+planner)", "route (expertflow/cache.py"),
