@@ -157,6 +157,30 @@ def test_train_and_eval_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
         assert len(method["per_layer"]) == L
 
 
+def test_training_goes_on_from_a_trained_predictor(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    traces = synthetic_traces(n=16)
+    first = train_predictor([traces], config(), TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=1),
+                            progress=False).model
+    # A vanishing learning rate leaves the start where it was: the weights come from `start`, not a new init.
+    resumed = train_predictor([traces], config(), TrainConfig(epochs=1, batch_size=8, lr=1e-12, warmup_steps=1),
+                              progress=False, start=first).model
+    for name, value in first.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-6, rtol=0)
+    save_model(first, tmp_path / "first")
+    path = traces.write(tmp_path / "t.safetensors")
+    code, _, _ = run_cli(["train-predictor", "--traces", str(path), "--out", str(tmp_path / "again"),
+                          "--init-predictor", str(tmp_path / "first"), "--epochs", "1"], capsys)
+    assert code == 0 and load_model(tmp_path / "again").config == first.config
+    code, _, err = run_cli(["train-predictor", "--traces", str(path), "--out", str(tmp_path / "x"),
+                            "--init-predictor", str(tmp_path / "first"), "--d-model", "32"], capsys)
+    assert code == 2 and "keeps that predictor's architecture" in err and err.count("\n") == 1
+    other = PredictorConfig(vocab_size=V, num_layers=L + 1, num_experts=E, top_k=K, **SMALL)
+    save_model(RoutingPathModel(other), tmp_path / "other")
+    code, _, err = run_cli(["train-predictor", "--traces", str(path), "--out", str(tmp_path / "x"),
+                            "--init-predictor", str(tmp_path / "other")], capsys)
+    assert code == 2 and "traces of its own model" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv,match", [
     (["eval-predictor", "--predictor", "{tmp}/none", "--traces", "{tmp}/t.safetensors"], "not a predictor directory"),
     (["train-predictor", "--traces", "{tmp}/broken.safetensors", "--out", "{tmp}/rpp"], "not a readable trace file"),

@@ -16,7 +16,7 @@ from expertflow.errors import ExpertflowError
 from expertflow.predictor.baselines import (BaselineTables, LookupBaseline, PopularityBaseline, SpatialBaseline,
                                             TemporalBaseline, build_tables)
 from expertflow.predictor.evaluate import EvalConfig, evaluate
-from expertflow.predictor.model import PredictorConfig, save_model
+from expertflow.predictor.model import PredictorConfig, RoutingPathModel, load_model, save_model
 from expertflow.predictor.runtime import RoutingPredictor
 from expertflow.predictor.train import TrainConfig, train_predictor
 from expertflow.traces import TraceSet, read_traces
@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, type=Path, help="predictor directory to write")
     t.add_argument("--init-embeddings", type=Path, default=None, metavar="MODEL_DIR",
                    help="start the predictor's token embeddings from this MoE checkpoint's")
+    t.add_argument("--init-predictor", type=Path, default=None, metavar="DIR",
+                   help="go on training this predictor (its architecture; e.g. the shipped one, on more traces)")
     t.add_argument("--freeze-embeddings", action="store_true", default=None,
                    help="with --init-embeddings: keep them fixed (helps on tokens the traces never show)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -84,16 +86,38 @@ def _embeddings(model_dir: Path | None) -> torch.Tensor | None:
     return expertflow.from_pretrained(model_dir).model.get_input_embeddings().weight.detach().clone()
 
 
+def _new_config(args: argparse.Namespace, traces: list[TraceSet], embeddings: torch.Tensor | None) -> PredictorConfig:
+    h = traces[0].header
+    return PredictorConfig(vocab_size=_vocab_size(traces, embeddings), num_layers=h.num_layers,
+                           num_experts=h.num_experts, top_k=h.top_k, model_name=h.model,
+                           **_given(args, _MODEL_FLAGS))
+
+
+def _start(args: argparse.Namespace, traces: list[TraceSet]) -> RoutingPathModel | None:
+    """The predictor --init-predictor names, checked against the flags and the traces it goes on from."""
+    if args.init_predictor is None:
+        return None
+    if args.init_embeddings is not None or _given(args, _MODEL_FLAGS):
+        raise ExpertflowError("--init-predictor keeps that predictor's architecture and embeddings; drop "
+                              "--init-embeddings and the model flags (--d-model, --head-hidden, ...)")
+    start = load_model(args.init_predictor)
+    h, c = traces[0].header, start.config
+    if (c.num_layers, c.num_experts, c.top_k) != (h.num_layers, h.num_experts, h.top_k) or \
+            _vocab_size(traces, None) > c.vocab_size:
+        raise ExpertflowError(f"{args.init_predictor} predicts {c.num_layers} layers x {c.num_experts} experts "
+                              f"(top-{c.top_k}, {c.vocab_size} tokens) but the traces are {h.num_layers} x "
+                              f"{h.num_experts} (top-{h.top_k}): train it on traces of its own model")
+    return start
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     traces = _read_all(args.traces)
     embeddings = _embeddings(args.init_embeddings)
-    h = traces[0].header
+    start = _start(args, traces)
     try:
-        model_config = PredictorConfig(vocab_size=_vocab_size(traces, embeddings), num_layers=h.num_layers,
-                                       num_experts=h.num_experts, top_k=h.top_k, model_name=h.model,
-                                       **_given(args, _MODEL_FLAGS))
+        model_config = start.config if start is not None else _new_config(args, traces, embeddings)
         train_config = TrainConfig(**_given(args, _TRAIN_FLAGS))
     except ValueError as exc:
         raise ExpertflowError(str(exc)) from None
@@ -102,11 +126,12 @@ def run_train(args: argparse.Namespace) -> int:
     if embeddings is not None and embeddings.shape[0] != model_config.vocab_size:
         raise ExpertflowError(f"{args.init_embeddings} has {embeddings.shape[0]} embeddings but the traces use "
                               f"token ids up to {model_config.vocab_size - 1}: is it the traced model?")
-    result = train_predictor(traces, model_config, train_config, embeddings=embeddings)
+    result = train_predictor(traces, model_config, train_config, embeddings=embeddings, start=start)
     tables = build_tables(traces, model_config.vocab_size)
     summary = {
         "traces": [str(p) for p in args.traces], "train": dataclasses.asdict(train_config),
         "init_embeddings": str(args.init_embeddings) if args.init_embeddings else None,
+        "init_predictor": str(args.init_predictor) if args.init_predictor else None,
         "parameters": result.model.num_parameters(), "bytes": result.model.num_bytes(),
         "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "train_sequences": result.train_sequences, "val_sequences": result.val_sequences,

@@ -125,15 +125,19 @@ def _loss(model: RoutingPathModel, batch: list, num_experts: int) -> tuple[torch
 
 
 def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, config: TrainConfig,
-                    progress: bool = True, embeddings: torch.Tensor | None = None) -> TrainResult:
+                    progress: bool = True, embeddings: torch.Tensor | None = None,
+                    start: RoutingPathModel | None = None) -> TrainResult:
     """`embeddings` (V, H): the MoE model's input embeddings to start the predictor's from (see
-    `initial_embeddings`); tokens rare in the traces then start where the MoE model puts them."""
+    `initial_embeddings`); tokens rare in the traces then start where the MoE model puts them.
+    `start`: a trained predictor of the same architecture to go on from (more traces, another session)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_seqs, val_seqs = split_by_prompt(traces, config.val_fraction, config.seed)
     train_pieces = _pieces(train_seqs, config.max_length)
     val_batches = _batches(_pieces(val_seqs, config.max_length), config.batch_size, None)
     model = RoutingPathModel(model_config)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     if embeddings is not None:
         with torch.no_grad():
             model.embed.weight.copy_(initial_embeddings(embeddings, model_config.d_model))
