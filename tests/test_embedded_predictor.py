@@ -48,5 +48,5 @@ def test_the_shipped_predictor_beats_the_previous_step_on_held_out_prompts():
     scorers = {"rpp": lambda seq, pos: predictor.predict_array(seq.token_ids)[pos],
                "tlp": TemporalBaseline(np.full((L, E), 1 / E)).scores}
     r = evaluate(traces, scorers, EvalConfig(batch_size=1))
-    # Measured on 200 held-out alpaca prompts: RPP 0.909, TLP 0.389 at batch 1.
+    # Measured on 200 held-out alpaca prompts: RPP 0.911, TLP 0.389 at batch 1.
     assert r["rpp"]["b_acc"] > 0.85 and r["rpp"]["b_acc"] > r["tlp"]["b_acc"] + 0.3, (r["rpp"]["b_acc"], r["tlp"]["b_acc"])
