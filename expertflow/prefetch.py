@@ -138,7 +138,7 @@ class TransferWorker:
             entry = heapq.heappop(self._heap)
             transfer = entry.transfer
             if transfer.future.done() or transfer.future.running():
-                continue  # the other queue entry of an expedited transfer
+                continue  # taken already: by a layer's `finish`, or the other entry of an expedited transfer
             if transfer.slot in self._busy_slots:
                 waiting.append(entry)
             elif self._start(transfer):
