@@ -5,10 +5,12 @@ per-layer expert popularity, like real routers, from a fixed seed, or with `--tr
 recorded decode steps (units of consecutive sequences, as schedule-eval cuts them). Each scheduler that
 takes probabilities is also timed on probability input: drawn around the paths (`soft_routing`), or
 with `--traces` and `--predictor DIR` the RPP's own forecasts of those steps. Warm-up, then the median of `--repeats` timed calls per scheduler and
-input; prints a table and a final JSON line.
+input; prints a table and a final JSON line. `exhaustive` enumerates only small units (2 x 8 has 6,435
+balanced partitions; 2 x 32 goes to its `swap` fallback): its rows say which it did.
 
     python bench/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
                                     [--traces results/traces/xsum_eval.safetensors [--predictor results/rpp-base]]
+    python bench/scheduler_speed.py --batch-size 8 --schedulers swap,exhaustive
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from expertflow.scheduler import SCHEDULERS, expected_distinct, routing_paths, total_distinct  # noqa: E402
+from expertflow.scheduler.exhaustive import ExhaustiveScheduler  # noqa: E402
 
 GOAL_MS = 10.0
 
@@ -79,7 +82,9 @@ def time_scheduler(name: str, instances: list[np.ndarray], batch_size: int, unit
         times.append(1e3 * (time.perf_counter() - start))
         costs.append(score(routing, grouping) / unit)
     times.sort()
-    return {"scheduler": name, "input": "probabilities" if probabilities else "paths",
+    enumerated = isinstance(scheduler, ExhaustiveScheduler) and scheduler.enumerates(batch_size, unit)
+    mode = ("enumerated" if enumerated else "swap fallback") if isinstance(scheduler, ExhaustiveScheduler) else ""
+    return {"scheduler": name, "input": "probabilities" if probabilities else "paths", "mode": mode,
             "median_ms": times[len(times) // 2], "p90_ms": times[int(0.9 * (len(times) - 1))],
             "distinct_per_batch": float(np.mean(costs))}
 
@@ -92,7 +97,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--schedulers", default="fifo,similarity,swap")
+    p.add_argument("--schedulers", default="fifo,similarity,swap,exhaustive")
     p.add_argument("--traces", default=None, help="take routing from this trace file instead of drawing it")
     p.add_argument("--predictor", default=None, help="with --traces: probabilities from this RPP directory")
     args = p.parse_args()
@@ -118,14 +123,16 @@ def main() -> None:
 
 def print_rows(rows: list[dict], args: argparse.Namespace) -> None:
     source = args.traces or "synthetic"
-    table = Table("scheduler", "input", "median ms", "p90 ms", "distinct / batch", f"< {GOAL_MS:g} ms",
+    table = Table("scheduler", "input", "mode", "median ms", "p90 ms", "distinct / batch", f"< {GOAL_MS:g} ms",
                   title=f"one decision: {args.unit} x {args.batch_size} tokens, L={args.layers} E={args.experts} "
                         f"K={args.top_k}, routing: {source}; probabilities: {args.predictor or 'drawn'} "
                         f"(distinct / batch is expected there)")
     for r in rows:
-        table.add_row(r["scheduler"], r["input"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+        table.add_row(r["scheduler"], r["input"], r["mode"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['distinct_per_batch']:.1f}", "yes" if r["median_ms"] < GOAL_MS else "NO")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 110)     # squeezed columns are unreadable in a log file
+    console.print(table)
     print(json.dumps({"routing": source, "probabilities": args.predictor or "drawn", "batch_size": args.batch_size,
                       "unit": args.unit, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                       "goal_ms": GOAL_MS, "results": rows}))

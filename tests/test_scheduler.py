@@ -71,7 +71,7 @@ def path_from_sets(sets: list[set[int]], experts: int) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 @given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
        experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap"]))
+       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
 def test_heuristics_return_balanced_partitions(batch_size, unit, layers, experts, seed, name):
     rng = np.random.default_rng(seed)
     paths = rng.random((batch_size * unit, layers, experts)) < rng.uniform(0.1, 0.9)
@@ -173,7 +173,7 @@ def test_regrouping_beats_fifo_on_clustered_input():
     a, b = path_from_sets([{0, 1}, {2, 3}], 8), path_from_sets([{4, 5}, {6, 7}], 8)
     paths = np.stack([a, b] * 8)
     fifo = total_distinct(paths, SCHEDULERS["fifo"]().group(paths, 8, 2))
-    for name in ("similarity", "swap", "exact"):
+    for name in ("similarity", "swap", "exhaustive", "exact"):
         assert total_distinct(paths, SCHEDULERS[name]().group(paths, 8, 2)) == 8 < fifo == 16
 
 
@@ -183,7 +183,7 @@ def test_int_ids_equal_bool_paths():
     ids = np.array([[[0, 3]], [[1, 3]], [[0, 2]], [[1, 2]]])                        # (4, 1, 2)
     paths = routing_paths(ids, num_experts=4)
     assert paths.shape == (4, 1, 4) and paths.sum() == 8
-    for name in ("similarity", "swap", "exact"):
+    for name in ("similarity", "swap", "exhaustive", "exact"):
         s = SCHEDULERS[name]()
         assert s.group(ids, 2, 2, num_experts=4) == s.group(paths, 2, 2)
 
@@ -220,7 +220,7 @@ def test_bad_scheduler_settings_and_names():
     with pytest.raises(ExpertflowError, match="unknown scheduler 'kmeans'; choose one of fifo"):
         scheduler_class("kmeans")
     for cls, kwargs in ((SCHEDULERS["similarity"], {"max_iters": 0}), (SCHEDULERS["swap"], {"max_swaps": -1}),
-                        (SCHEDULERS["exact"], {"node_limit": 0})):
+                        (SCHEDULERS["exact"], {"node_limit": 0}), (SCHEDULERS["exhaustive"], {"max_partitions": 0})):
         with pytest.raises(ValueError, match="must be >= "):
             cls(**kwargs)
     with pytest.raises(ValueError, match="grouping covers 4 sequences but paths hold 6"):
@@ -240,7 +240,7 @@ def random_probabilities(rng: np.random.Generator, shape: tuple[int, ...]) -> np
 @settings(max_examples=80, deadline=None)
 @given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
        experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap"]))
+       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
 def test_zero_one_probabilities_group_like_bool_paths(batch_size, unit, layers, experts, seed, name):
     rng = np.random.default_rng(seed)
     paths = rng.random((batch_size * unit, layers, experts)) < rng.uniform(0.1, 0.9)
@@ -254,7 +254,7 @@ def test_zero_one_probabilities_group_like_bool_paths(batch_size, unit, layers, 
 @settings(max_examples=60, deadline=None)
 @given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
        experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap"]))
+       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
 def test_probabilities_give_balanced_partitions(batch_size, unit, layers, experts, seed, name):
     probs = random_probabilities(np.random.default_rng(seed), (batch_size * unit, layers, experts))
     grouping = SCHEDULERS[name]().group(probs.astype(np.float32), batch_size, unit, probabilities=True)
@@ -353,7 +353,7 @@ def test_expected_distinct_checks_its_inputs():
         expected_distinct(np.full((4, 1, 2), 2.0), Grouping.identity(4, 2))
 
 
-@pytest.mark.parametrize("name", ["swap", "exact"])
+@pytest.mark.parametrize("name", ["swap", "exhaustive", "exact"])
 def test_live_loop_hands_the_forecast_probabilities_to_the_scheduler(tiny_mixtral_dir, name):
     """With an RPP, a scheduler that takes probabilities gets the forecasts themselves; exact gets their
     top-k paths. Either way each sequence decodes as it does alone."""
@@ -378,7 +378,7 @@ def test_live_loop_hands_the_forecast_probabilities_to_the_scheduler(tiny_mixtra
     assert scheduler.seen
     for routing, probabilities in scheduler.seen:
         assert routing.shape[1:] == (3, 8)
-        if name == "swap":
+        if SCHEDULERS[name].takes_probabilities:
             assert probabilities and routing.dtype == np.float32 and 0 < routing.max() < 1
         else:
             assert not probabilities and routing.dtype == bool and (routing.sum(-1) <= 2).all()

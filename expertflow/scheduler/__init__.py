@@ -11,12 +11,13 @@ from expertflow.errors import ExpertflowError
 from expertflow.scheduler.base import (Grouping, Scheduler, check_unit, distinct_pairs, expected_distinct,
                                        routing_paths, routing_probabilities, total_distinct)
 from expertflow.scheduler.exact import ExactLimitError, ExactScheduler
+from expertflow.scheduler.exhaustive import ExhaustiveScheduler
 from expertflow.scheduler.fifo import FifoScheduler
 from expertflow.scheduler.similarity import SimilarityScheduler
 from expertflow.scheduler.swap import SwapScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (FifoScheduler, SimilarityScheduler, SwapScheduler, ExactScheduler)
+    cls.name: cls for cls in (FifoScheduler, SimilarityScheduler, SwapScheduler, ExhaustiveScheduler, ExactScheduler)
 }
 
 

@@ -13,7 +13,6 @@ the optimum where it can.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 
 from expertflow.scheduler import SCHEDULERS, ExactLimitError, Grouping, Scheduler, total_distinct
 from expertflow.scheduler.exact import solve
+from expertflow.scheduler.exhaustive import partition_count
 from expertflow.traces import TraceSet
 
 # Per sequence, (G, L, E) routing of its generated tokens: bool paths, or float probabilities.
@@ -91,12 +91,6 @@ def instances(true: Paths, inputs: Paths, batch_size: int, unit: int) -> list[tu
     return out
 
 
-def balanced_partitions(batch_size: int, unit: int) -> float:
-    """(U * B)! / ((B!)^U * U!): how many distinct groupings a unit has."""
-    n = batch_size * unit
-    return math.factorial(n) / (math.factorial(batch_size) ** unit * math.factorial(unit))
-
-
 def optimum(paths: np.ndarray, batch_size: int, unit: int, node_limit: int) -> int | None:
     try:
         return solve(paths, batch_size, unit, node_limit)[1]
@@ -141,7 +135,7 @@ def _run(scheduler: Scheduler, cases: list[tuple[np.ndarray, np.ndarray]], batch
 
 def _exact_sample(count: int, batch_size: int, unit: int, config: ScheduleEvalConfig) -> list[int]:
     """Evenly spread instance ids for the exact solver, none where the unit is far too large."""
-    if balanced_partitions(batch_size, unit) > config.exact_max_partitions or config.exact_instances == 0:
+    if partition_count(batch_size, unit) > config.exact_max_partitions or config.exact_instances == 0:
         return []
     take = min(count, config.exact_instances)
     return sorted({int(i) for i in np.linspace(0, count - 1, take)}) if take else []
