@@ -244,14 +244,16 @@ def test_training_masks_layers_a_token_never_passed():
     """A prompt row's decoder layers and a generated row's encoder layers (-1) are out of the loss: not
     taught as expert E-1, not as "no expert"; the loss is the BCE over the routed (token, layer) pairs only."""
     routing = np.array([[[1], [2], [-1], [-1]], [[0], [-1], [-1], [-1]], [[-1], [-1], [3], [0]]], dtype=np.int16)
-    ids, targets, valid = _collate([(np.array([5, 6, 7]), routing)], EXPERTS)
+    ids, targets, valid, soft = _collate([(np.array([5, 6, 7]), routing, None)], EXPERTS)
+    assert soft is None
     assert valid[0].tolist() == [[True, True, False, False], [True, False, False, False],
                                  [False, False, True, True]]
     assert targets[0, :, :, EXPERTS - 1].sum() == 0 and targets[0].sum() == 5
     torch.manual_seed(0)
     model = RoutingPathModel(PredictorConfig(vocab_size=16, num_layers=LAYERS, num_experts=EXPERTS, top_k=1,
                                              d_model=8, d_ff=16, num_heads=2, window=4, dropout=0.0)).eval()
-    loss, hits, count = _loss(model, [(np.array([5, 6, 7]), routing)], EXPERTS)
+    loss, hits, count, bce = _loss(model, [(np.array([5, 6, 7]), routing, None)], EXPERTS, TrainConfig())
+    assert bce is loss
     logits = model(ids)[0]
     pairs = [(s, layer) for s in range(3) for layer in range(LAYERS) if valid[0, s, layer]]
     expected = torch.stack([F.binary_cross_entropy_with_logits(logits[s, layer], targets[0, s, layer])

@@ -98,6 +98,8 @@ class MoEAdapter:
     # Fused 3-D tensor names (experts along dim 0), in flat-buffer order, as transformers 5 names them.
     fused_expert_names: tuple[str, ...] = ("gate_up_proj", "down_proj")
     num_experts_attr: str = "num_experts"
+    # The MoE block's router submodule; its output (or the output's first element) is the (T, E) logits.
+    router_name: str = "gate"
     intermediate_attr: str = "moe_intermediate_size"
     # The transformers auto class that builds the family's skeleton, and which engine decodes it.
     auto_class: ClassVar[type] = AutoModelForCausalLM
@@ -139,6 +141,14 @@ class MoEAdapter:
 
     def experts_path(self, layer: int) -> str:
         return self.block_path.format(layer=layer) + ".experts"
+
+    def router_path(self, layer: int) -> str:
+        return self.block_path.format(layer=layer) + "." + self.router_name
+
+    def router_logits(self, output: torch.Tensor | tuple) -> torch.Tensor:
+        """The (T, E) logits from what the router module returned (transformers 5 routers return
+        (logits, top-k weights, top-k ids))."""
+        return output[0] if isinstance(output, tuple) else output
 
     # ---- checkpoint names ---------------------------------------------------------------------
     def module_key(self, checkpoint_key: str) -> str:

@@ -20,6 +20,7 @@ class GptOssAdapter(MoEAdapter):
     fused_expert_names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
     num_experts_attr = "num_local_experts"
     intermediate_attr = "intermediate_size"
+    router_name = "router"
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -15,6 +15,7 @@ from rich.table import Table
 from expertflow.errors import ExpertflowError
 from expertflow.predictor.baselines import (BaselineTables, LookupBaseline, PopularityBaseline, SpatialBaseline,
                                             TemporalBaseline, build_tables)
+from expertflow.predictor.distill import RouterTeacher, check_against_traces
 from expertflow.predictor.evaluate import EvalConfig, evaluate
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel, load_model, save_model
 from expertflow.predictor.runtime import RoutingPredictor
@@ -25,7 +26,7 @@ TRAINING_NAME = "training.json"
 _MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "head_hidden",
                 "dropout")
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length",
-                "freeze_embeddings")
+                "freeze_embeddings", "distill_weight", "distill_temperature")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="go on training this predictor (its architecture; e.g. the shipped one, on more traces)")
     t.add_argument("--freeze-embeddings", action="store_true", default=None,
                    help="with --init-embeddings: keep them fixed (helps on tokens the traces never show)")
+    t.add_argument("--distill-model", type=Path, default=None, metavar="MODEL_DIR",
+                   help="the traced MoE model: add a KL term to its router softmax (soft targets; the whole "
+                        "model is loaded in memory once to compute them)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    for flag, kind in (("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
+    for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
                        ("decoder-layers", int), ("window", int), ("head-hidden", int), ("dropout", float), ("epochs", int),
                        ("batch-size", int), ("lr", float), ("weight-decay", float), ("val-fraction", float),
                        ("patience", int), ("seed", int), ("max-length", int)):
@@ -110,6 +114,17 @@ def _start(args: argparse.Namespace, traces: list[TraceSet]) -> RoutingPathModel
     return start
 
 
+def _teacher(model_dir: Path | None, traces: list[TraceSet], config: PredictorConfig) -> RouterTeacher | None:
+    if model_dir is None:
+        return None
+    teacher = RouterTeacher.load(model_dir)
+    check_against_traces(teacher, config.num_layers, config.num_experts)
+    if teacher.vocab_size < _vocab_size(traces, None):
+        raise ExpertflowError(f"--distill-model {model_dir} has {teacher.vocab_size} tokens but the traces use ids up "
+                              f"to {_vocab_size(traces, None) - 1}: pass the traced model")
+    return teacher
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -126,12 +141,14 @@ def run_train(args: argparse.Namespace) -> int:
     if embeddings is not None and embeddings.shape[0] != model_config.vocab_size:
         raise ExpertflowError(f"{args.init_embeddings} has {embeddings.shape[0]} embeddings but the traces use "
                               f"token ids up to {model_config.vocab_size - 1}: is it the traced model?")
-    result = train_predictor(traces, model_config, train_config, embeddings=embeddings, start=start)
+    teacher = _teacher(args.distill_model, traces, model_config)
+    result = train_predictor(traces, model_config, train_config, embeddings=embeddings, start=start, teacher=teacher)
     tables = build_tables(traces, model_config.vocab_size)
     summary = {
         "traces": [str(p) for p in args.traces], "train": dataclasses.asdict(train_config),
         "init_embeddings": str(args.init_embeddings) if args.init_embeddings else None,
         "init_predictor": str(args.init_predictor) if args.init_predictor else None,
+        "distill_model": str(args.distill_model) if args.distill_model else None,
         "parameters": result.model.num_parameters(), "bytes": result.model.num_bytes(),
         "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "train_sequences": result.train_sequences, "val_sequences": result.val_sequences,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from expertflow.predictor.distill import RouterTeacher
 from expertflow.predictor.metrics import routing_mask
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel
 from expertflow.traces import NO_EXPERT, TraceSequence, TraceSet
@@ -41,6 +42,8 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 512         # longer sequences are cut into pieces of this length
     freeze_embeddings: bool = False  # keep initial (MoE) embeddings fixed: unseen tokens stay consistent
+    distill_weight: float = 1.0   # weight of the KL term to the MoE model's router softmax (with a teacher)
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -52,6 +55,9 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ValueError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
+                             f"{self.distill_weight}, {self.distill_temperature}")
 
 
 @dataclass
@@ -79,29 +85,39 @@ def split_by_prompt(traces: Sequence[TraceSet], val_fraction: float, seed: int
     return train, val
 
 
-def _pieces(seqs: Sequence[TraceSequence], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+# A training piece: token ids (S,), routing ids (S, L, K), and the teacher's float16 router logits (S, L, E)
+# when distilling (None otherwise).
+Piece = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _pieces(seqs: Sequence[TraceSequence], max_length: int,
+            logits: Sequence[np.ndarray] | None = None) -> list[Piece]:
     out = []
-    for s in seqs:
+    for n, s in enumerate(seqs):
         ids = s.token_ids
         for start in range(0, len(ids), max_length):
-            out.append((ids[start : start + max_length], s.routing[start : start + max_length]))
+            cut = slice(start, start + max_length)
+            out.append((ids[cut], s.routing[cut], None if logits is None else logits[n][cut]))
     return out
 
 
-def _collate(pieces: Sequence[tuple[np.ndarray, np.ndarray]], num_experts: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(pieces: Sequence[Piece], num_experts: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> ids (B, S) long, targets (B, S, L, E) float, valid (B, S, L) bool: real positions at the layers
-    they were routed at."""
-    S = max(len(ids) for ids, _ in pieces)
+    they were routed at, and the teacher's logits (B, S, L, E) float or None."""
+    S = max(len(ids) for ids, _, _ in pieces)
     L = pieces[0][1].shape[1]
     ids = torch.zeros(len(pieces), S, dtype=torch.long)
     targets = torch.zeros(len(pieces), S, L, num_experts)
     valid = torch.zeros(len(pieces), S, L, dtype=torch.bool)
-    for i, (tok, routing) in enumerate(pieces):
+    soft = torch.zeros(len(pieces), S, L, num_experts) if pieces[0][2] is not None else None
+    for i, (tok, routing, logits) in enumerate(pieces):
         ids[i, : len(tok)] = torch.from_numpy(tok.astype(np.int64))
         targets[i, : len(tok)] = torch.from_numpy(routing_mask(routing, num_experts))
         valid[i, : len(tok)] = torch.from_numpy((routing != NO_EXPERT).any(axis=-1))
-    return ids, targets, valid
+        if soft is not None:
+            soft[i, : len(tok)] = torch.from_numpy(logits.astype(np.float32))
+    return ids, targets, valid, soft
 
 
 def _batches(pieces: list, batch_size: int, rng: np.random.Generator | None) -> list[list]:
@@ -113,28 +129,42 @@ def _batches(pieces: list, batch_size: int, rng: np.random.Generator | None) -> 
     return groups
 
 
-def _loss(model: RoutingPathModel, batch: list, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    ids, targets, valid = _collate(batch, num_experts)
+def _loss(model: RoutingPathModel, batch: list, num_experts: int, config: TrainConfig
+          ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """-> (training loss, summed top-k hits, scored (position, layer) count, the BCE part alone)."""
+    ids, targets, valid, soft = _collate(batch, num_experts)
     logits = model(ids)                                                         # (B, S, L, E)
     per_layer = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)  # (B, S, L)
-    loss = (per_layer * valid).sum() / valid.sum().clamp(min=1)
+    count = valid.sum().clamp(min=1)
+    bce = (per_layer * valid).sum() / count
+    loss = bce
+    if soft is not None and config.distill_weight > 0:
+        # KL(teacher || predictor) over each (position, layer)'s experts, per expert like the BCE term so the
+        # weight compares the two; T^2 keeps the gradient's scale independent of the temperature.
+        t = config.distill_temperature
+        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(soft / t, -1), log_target=True,
+                      reduction="none").sum(-1) * (t * t / num_experts)         # (B, S, L)
+        loss = bce + config.distill_weight * (kl * valid).sum() / count
     k = model.config.top_k
     top = logits.topk(k, dim=-1).indices                                        # (B, S, L, K)
     hits = targets.gather(-1, top).sum(-1) / k                                  # (B, S, L) top-k recall
-    return loss, (hits * valid).sum(), int(valid.sum())
+    return loss, (hits * valid).sum(), int(valid.sum()), bce
 
 
 def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, config: TrainConfig,
                     progress: bool = True, embeddings: torch.Tensor | None = None,
-                    start: RoutingPathModel | None = None) -> TrainResult:
+                    start: RoutingPathModel | None = None, teacher: RouterTeacher | None = None) -> TrainResult:
     """`embeddings` (V, H): the MoE model's input embeddings to start the predictor's from (see
     `initial_embeddings`); tokens rare in the traces then start where the MoE model puts them.
-    `start`: a trained predictor of the same architecture to go on from (more traces, another session)."""
+    `start`: a trained predictor of the same architecture to go on from (more traces, another session).
+    `teacher`: the traced MoE model; its router logits add a distillation term (distill.py)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_seqs, val_seqs = split_by_prompt(traces, config.val_fraction, config.seed)
-    train_pieces = _pieces(train_seqs, config.max_length)
-    val_batches = _batches(_pieces(val_seqs, config.max_length), config.batch_size, None)
+    logits = (lambda seqs: teacher.logits_of([q.token_ids for q in seqs], progress)) if teacher and config.distill_weight > 0 \
+        else (lambda seqs: None)
+    train_pieces = _pieces(train_seqs, config.max_length, logits(train_seqs))
+    val_batches = _batches(_pieces(val_seqs, config.max_length, logits(val_seqs)), config.batch_size, None)
     model = RoutingPathModel(model_config)
     if start is not None:
         model.load_state_dict(start.state_dict())
@@ -150,7 +180,7 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, steps_per_epoch * config.epochs))
     E = model_config.num_experts
     result = TrainResult(model, 0.0, 0, 0, train_sequences=len(train_seqs), val_sequences=len(val_seqs),
-                         train_tokens=sum(len(ids) for ids, _ in train_pieces))
+                         train_tokens=sum(len(piece[0]) for piece in train_pieces))
     best, best_state, start = math.inf, None, time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
@@ -158,7 +188,7 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
         bar = tqdm(_batches(train_pieces, config.batch_size, rng), desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="batch", disable=not progress, leave=False)
         for batch in bar:
-            loss, _, _ = _loss(model, batch, E)
+            loss, _, _, _ = _loss(model, batch, E, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -166,7 +196,8 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
             sched.step()
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch + 1, "train_loss": total / max(steps_per_epoch, 1), **_validate(model, val_batches, E)}
+        record = {"epoch": epoch + 1, "train_loss": total / max(steps_per_epoch, 1),
+                  **_validate(model, val_batches, E, config)}
         result.history.append(record)
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -185,14 +216,15 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
 
 
 @torch.inference_mode()
-def _validate(model: RoutingPathModel, val_batches: list, num_experts: int) -> dict:
+def _validate(model: RoutingPathModel, val_batches: list, num_experts: int, config: TrainConfig) -> dict:
+    """val_loss is the BCE alone, so runs with and without distillation select and compare alike."""
     if not val_batches:
         return {}
     model.eval()
     loss_sum, hit_sum, count = 0.0, 0.0, 0
     for batch in val_batches:
-        loss, hits, n = _loss(model, batch, num_experts)
-        loss_sum, hit_sum, count = loss_sum + loss.item() * n, hit_sum + hits.item(), count + n
+        _, hits, n, bce = _loss(model, batch, num_experts, config)
+        loss_sum, hit_sum, count = loss_sum + bce.item() * n, hit_sum + hits.item(), count + n
     return {"val_loss": loss_sum / count, "val_recall": hit_sum / count}
 
 
