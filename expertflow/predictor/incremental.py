@@ -1,13 +1,17 @@
 """Step the predictor one token at a time with cached keys/values: constant cost per decoding step.
 
-Shape legend: B sequences, W = window - 1 cached previous positions (oldest first), H heads,
-Dh head size, D d_model, L MoE layers, E experts.
+Shape legend: B sequences, S prompt positions, W = window - 1 cached previous positions (oldest first),
+H heads, Dh head size, D d_model, L MoE layers, E experts.
 
 Because every attention in the network is causal over a fixed window, a new position needs only each
 layer's keys/values of the previous W positions: the encoder layers' self-attention inputs, the decoder
 layers' self-attention inputs, and the decoder layers' projections of the encoder output (cross-attention).
 A step is then one token through 4 small layers plus attention over W cached positions, whatever the
 context length, and its output equals the full-sequence forward at that position (tested).
+
+The same fact makes a prompt's state a slice of one full-sequence forward: `prefill` runs the prompts
+through the network at once and keeps each attention's keys/values of their last W positions, which is
+the state `feed_stepwise` (one `step` per prompt token) reaches, up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -15,18 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from expertflow.predictor.model import RoutingPathModel, relative_bucket
-
-KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, H, W, Dh)
+from expertflow.predictor.model import KV, LayerKV, RoutingPathModel
 
 
 @dataclass
-class StepState:
-    encoder: list[KV]        # per encoder layer
-    decoder_self: list[KV]   # per decoder layer
-    decoder_cross: list[KV]  # per decoder layer, projections of the encoder output
-    valid: torch.Tensor      # (B, W) bool: which cached slots hold real positions
+class StepState(LayerKV):
+    """The keys/values (B, H, W, Dh) of each sequence's last W positions, per attention."""
+    valid: torch.Tensor      # (B, W) bool: which cached slots hold real positions (the others are zeros)
 
     def select(self, rows: list[int] | torch.Tensor) -> "StepState":
         """The state of a subset (or reordering) of the batch's sequences, e.g. after regrouping."""
@@ -61,39 +62,57 @@ def step(model: RoutingPathModel, state: StepState, tokens: torch.Tensor,
     B = tokens.shape[0]
     active = torch.ones(B, dtype=torch.bool) if active is None else active
     keep = torch.cat([state.valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)      # (B, W+1)
-    mask = torch.zeros(B, 1, 1, cfg.window).masked_fill(~keep[:, None, None, :], float("-inf"))
-    distance = torch.arange(cfg.window - 1, -1, -1)                                 # oldest slot first
-    buckets = relative_bucket(distance, cfg.relative_buckets, cfg.window)
-    enc_bias = model.enc_bias(buckets).T[None, :, None, :] + mask                   # (B, H, 1, W+1)
-    dec_bias = model.dec_bias(buckets).T[None, :, None, :] + mask
-    x = model.embed(tokens)[:, None]                                                # (B, 1, D)
-    h, new_enc = x, []
-    for block, cache in zip(model.encoder, state.encoder):
-        n = block.norm1(h)
-        k, v = _extend(cache, block.attn.project_kv(n))
-        h = h + block.attn.attend(n, k, v, enc_bias)
-        h = h + block.ff(block.norm2(h))
-        new_enc.append((k, v))
-    memory = model.enc_norm(h)
-    y, new_self, new_cross = x, [], []
-    for block, self_cache, cross_cache in zip(model.decoder, state.decoder_self, state.decoder_cross):
-        n = block.norm1(y)
-        k, v = _extend(self_cache, block.self_attn.project_kv(n))
-        y = y + block.self_attn.attend(n, k, v, dec_bias)
-        ck, cv = _extend(cross_cache, block.cross_attn.project_kv(memory))
-        y = y + block.cross_attn.attend(block.norm2(y), ck, cv, mask)
-        y = y + block.ff(block.norm3(y))
-        new_self.append((k, v))
-        new_cross.append((ck, cv))
-    logits = model.heads(model.dec_norm(y))[:, 0]                            # (B, L, E)
-    advanced = StepState(*(_shift(kvs, active) for kvs in (new_enc, new_self, new_cross)),
+    distance = torch.arange(cfg.window - 1, -1, -1)[None]                           # (1, W+1) oldest slot first
+    hidden, kv = model.decode(tokens[:, None], model.attention_biases(distance, keep[:, None]), past=state)
+    logits = model.logits(hidden)[:, 0]                                             # (B, L, E)
+    advanced = StepState(*(_shift(kvs, active) for kvs in (kv.encoder, kv.decoder_self, kv.decoder_cross)),
                          valid=torch.where(active[:, None], keep[:, 1:], state.valid))
     return logits, advanced
 
 
-def _extend(cache: KV, new: KV) -> KV:
-    """Cached (B, H, W, Dh) + new (B, H, 1, Dh) -> (B, H, W+1, Dh)."""
-    return torch.cat([cache[0], new[0]], dim=2), torch.cat([cache[1], new[1]], dim=2)
+@torch.inference_mode()
+def prefill(model: RoutingPathModel, token_ids: list[list[int]]) -> tuple[torch.Tensor, StepState]:
+    """Non-empty prompts, ragged, in one forward -> logits (B, L, E) of each prompt's last token and the
+    state after it, as `feed_stepwise` leaves them.
+
+    Prompts are right-padded (causality keeps the padding from touching real positions) and cut to their
+    last `receptive_field` tokens: nothing earlier reaches the last token's logits, nor the keys/values of
+    the last W positions (the deepest, the last decoder layer's self-attention input, depends on
+    receptive_field - W tokens up to its own position)."""
+    cfg = model.config
+    W, device = cfg.window - 1, model.embed.weight.device
+    tails = [ids[-cfg.receptive_field:] for ids in token_ids]
+    lengths = torch.tensor([len(ids) for ids in tails], device=device)
+    batch = torch.zeros(len(tails), int(lengths.max()), dtype=torch.long, device=device)   # (B, S)
+    for i, ids in enumerate(tails):
+        batch[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    hidden, kv = model.decode(batch, model.window_biases(batch.shape[1], device))         # (B, S, D)
+    last = hidden[torch.arange(len(tails), device=device), lengths - 1]                     # (B, D)
+    valid = lengths[:, None] - W + torch.arange(W, device=device) >= 0                       # (B, W)
+    ends = lengths.tolist()
+    window = lambda kvs: [(_last_slots(k, ends, W), _last_slots(v, ends, W)) for k, v in kvs]  # noqa: E731
+    return model.logits(last), StepState(window(kv.encoder), window(kv.decoder_self), window(kv.decoder_cross),
+                                         valid)
+
+
+def feed_stepwise(model: RoutingPathModel, token_ids: list[list[int]]) -> tuple[torch.Tensor, StepState]:
+    """`prefill` one `step` per token: ragged prompts are right-aligned in time by inactive steps, which
+    leave nothing in the cache. The reference `prefill` is tested and benchmarked against."""
+    longest = max(len(ids) for ids in token_ids)
+    state, logits = empty_state(model, len(token_ids)), None
+    for t in range(longest):
+        offset = [t - (longest - len(ids)) for ids in token_ids]              # index into each prompt
+        active = torch.tensor([o >= 0 for o in offset])
+        tokens = torch.tensor([ids[o] if o >= 0 else 0 for ids, o in zip(token_ids, offset)])
+        logits, state = step(model, state, tokens, active)
+    return logits, state
+
+
+def _last_slots(t: torch.Tensor, ends: list[int], W: int) -> torch.Tensor:
+    """(B, H, S, Dh) over positions 0.. -> (B, H, W, Dh) at positions end-W .. end-1 of each row, zeros
+    for the positions before 0 (as an empty state's slots)."""
+    padded = F.pad(t, (0, 0, W, 0))                                     # (B, H, W + S, Dh): position p at W + p
+    return torch.stack([padded[b, :, end:end + W] for b, end in enumerate(ends)])
 
 
 def _shift(kvs: list[KV], active: torch.Tensor) -> list[KV]:

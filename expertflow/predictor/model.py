@@ -1,6 +1,7 @@
 """The Routing Path Predictor network: a small T5-style encoder-decoder with one head per MoE layer.
 
-Shape legend: B sequences, S positions, D d_model, F d_ff, H attention heads, L MoE layers, E experts.
+Shape legend: B sequences, S positions (Sq queries, Sk keys: cached positions first), D d_model, F d_ff,
+H attention heads, Dh = D/H head size, L MoE layers, E experts.
 
 Input (B, S) token ids of the MoE model's tokenizer -> (B, S, L, E) logits, all layers in one forward.
 Causal and windowed: position t attends to positions t-window+1 .. t only (encoder self-attention,
@@ -8,6 +9,10 @@ decoder self-attention and decoder->encoder cross-attention alike). Position inf
 bucketed relative position bias, so the network is translation invariant: the prediction for t depends
 only on the last `receptive_field` tokens, which is what lets `RoutingPredictor.predict_next` run on a
 fixed-size tail of the sequence at every decoding step and still equal the full-sequence forward.
+
+`decode` is the one path through the layers: the full-sequence forward runs it with no cached positions,
+and incremental.py's `step` runs it on one new position with each attention's cached keys/values; it
+returns every attention's keys/values, which is also what `incremental.prefill` builds a step state from.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,23 @@ from expertflow.errors import ExpertflowError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, H, Sk, Dh)
+
+
+@dataclass
+class LayerKV:
+    """Every attention's keys/values, one (keys, values) per layer."""
+    encoder: list[KV]        # per encoder layer, self-attention
+    decoder_self: list[KV]   # per decoder layer, self-attention
+    decoder_cross: list[KV]  # per decoder layer, its projections of the encoder output (cross-attention)
+
+
+class AttentionBiases(NamedTuple):
+    """Additive attention masks, broadcastable to (B, H, Sq, Sk): -inf where a key is outside the window."""
+    encoder: torch.Tensor    # relative position bias of the encoder's self-attention
+    decoder: torch.Tensor    # relative position bias of the decoder's self-attention
+    cross: torch.Tensor      # 0 / -inf only: cross-attention has no position bias
 
 
 @dataclass(frozen=True)
@@ -113,8 +136,19 @@ class Attention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(B, Sq, D))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.attend(x, *self.project_kv(memory), bias)
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor,
+                past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """Queries x (B, Sq, D) over the `past` keys/values (B, H, P, Dh) and memory's (B, S, D) -> (B, Sq, D)
+        and the keys/values attended to (B, H, P + S, Dh)."""
+        kv = _extend(past, self.project_kv(memory))
+        return self.attend(x, *kv, bias), kv
+
+
+def _extend(past: KV | None, new: KV) -> KV:
+    """Cached (B, H, P, Dh) + new (B, H, S, Dh) -> (B, H, P + S, Dh)."""
+    if past is None:
+        return new
+    return torch.cat([past[0], new[0]], dim=2), torch.cat([past[1], new[1]], dim=2)
 
 
 class GatedFeedForward(nn.Module):
@@ -138,10 +172,11 @@ class EncoderBlock(nn.Module):
         self.norm2, self.ff = RMSNorm(cfg.d_model), GatedFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         h = self.norm1(x)
-        x = x + self.drop(self.attn(h, h, self_bias))
-        return x + self.drop(self.ff(self.norm2(x)))
+        attended, kv = self.attn(h, h, self_bias, past)
+        x = x + self.drop(attended)
+        return x + self.drop(self.ff(self.norm2(x))), kv
 
 
 class DecoderBlock(nn.Module):
@@ -152,12 +187,14 @@ class DecoderBlock(nn.Module):
         self.norm3, self.ff = RMSNorm(cfg.d_model), GatedFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, y: torch.Tensor, memory: torch.Tensor, self_bias: torch.Tensor,
-                cross_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, memory: torch.Tensor, self_bias: torch.Tensor, cross_mask: torch.Tensor,
+                past_self: KV | None = None, past_cross: KV | None = None) -> tuple[torch.Tensor, KV, KV]:
         h = self.norm1(y)
-        y = y + self.drop(self.self_attn(h, h, self_bias))
-        y = y + self.drop(self.cross_attn(self.norm2(y), memory, cross_mask))
-        return y + self.drop(self.ff(self.norm3(y)))
+        attended, self_kv = self.self_attn(h, h, self_bias, past_self)
+        y = y + self.drop(attended)
+        attended, cross_kv = self.cross_attn(self.norm2(y), memory, cross_mask, past_cross)
+        y = y + self.drop(attended)
+        return y + self.drop(self.ff(self.norm3(y))), self_kv, cross_kv
 
 
 class RoutingHeads(nn.Module):
@@ -205,32 +242,45 @@ class RoutingPathModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, S) token ids -> (B, S, L, E) logits."""
-        B, S = input_ids.shape
-        window = self._window_mask(S, input_ids.device)                          # (S, S) bool
-        enc_bias = self._bias(self.enc_bias, window)                             # (1, H, S, S)
-        dec_bias = self._bias(self.dec_bias, window)
-        cross = torch.zeros(S, S, device=input_ids.device).masked_fill(~window, float("-inf"))[None, None]
+        hidden, _ = self.decode(input_ids, self.window_biases(input_ids.shape[1], input_ids.device))
+        return self.logits(hidden)
+
+    def decode(self, input_ids: torch.Tensor, biases: AttentionBiases,
+               past: LayerKV | None = None) -> tuple[torch.Tensor, LayerKV]:
+        """(B, S) token ids, after `past`'s cached positions if given -> the decoder's output (B, S, D) and
+        every attention's keys/values over the cached and new positions (B, H, P + S, Dh)."""
+        encoder_past = past.encoder if past else [None] * len(self.encoder)
+        self_past = past.decoder_self if past else [None] * len(self.decoder)
+        cross_past = past.decoder_cross if past else [None] * len(self.decoder)
         x = self.drop(self.embed(input_ids))                                     # (B, S, D)
-        memory = x
-        for block in self.encoder:
-            memory = block(memory, enc_bias)
+        memory, kv = x, LayerKV([], [], [])
+        for block, cached in zip(self.encoder, encoder_past):
+            memory, layer_kv = block(memory, biases.encoder, cached)
+            kv.encoder.append(layer_kv)
         memory = self.enc_norm(memory)
         y = x
-        for block in self.decoder:
-            y = block(y, memory, dec_bias, cross)
-        return self.heads(self.dec_norm(y))                                      # (B, S, L, E)
+        for block, cached_self, cached_cross in zip(self.decoder, self_past, cross_past):
+            y, self_kv, cross_kv = block(y, memory, biases.decoder, biases.cross, cached_self, cached_cross)
+            kv.decoder_self.append(self_kv)
+            kv.decoder_cross.append(cross_kv)
+        return y, kv
 
-    def _window_mask(self, S: int, device: torch.device) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's output (..., D) -> (..., L, E) logits."""
+        return self.heads(self.dec_norm(hidden))
+
+    def window_biases(self, S: int, device: torch.device) -> AttentionBiases:
+        """The biases of a forward over S positions from the first: each attends to the last `window`."""
         pos = torch.arange(S, device=device)
-        distance = pos[:, None] - pos[None, :]                                   # query - key
-        return (distance >= 0) & (distance < self.config.window)
+        distance = pos[:, None] - pos[None, :]                                   # (S, S) query - key
+        return self.attention_biases(distance, ((distance >= 0) & (distance < self.config.window))[None])
 
-    def _bias(self, table: nn.Embedding, window: torch.Tensor) -> torch.Tensor:
-        S = window.shape[0]
-        pos = torch.arange(S, device=window.device)
-        buckets = relative_bucket(pos[:, None] - pos[None, :], self.config.relative_buckets, self.config.window)
-        bias = table(buckets).permute(2, 0, 1)                                   # (H, S, S)
-        return bias.masked_fill(~window, float("-inf"))[None]
+    def attention_biases(self, distance: torch.Tensor, allowed: torch.Tensor) -> AttentionBiases:
+        """distance (Sq, Sk) query - key positions, allowed (B or 1, Sq, Sk) bool -> (B or 1, H, Sq, Sk) biases."""
+        buckets = relative_bucket(distance, self.config.relative_buckets, self.config.window)
+        blocked = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
+        return AttentionBiases(self.enc_bias(buckets).permute(2, 0, 1) + blocked,
+                               self.dec_bias(buckets).permute(2, 0, 1) + blocked, blocked)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

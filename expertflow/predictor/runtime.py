@@ -3,9 +3,10 @@
 Shape legend: B sequences, S positions, L MoE layers, E experts.
 
 Two ways to use it during decoding, both equal to the full-sequence forward up to float rounding:
-* `start(prompts)` once, then `step(state, new_tokens)` per decoding step: one token through the network
-  with cached keys/values of the last window-1 positions (incremental.py). Constant cost per step, the
-  cheap path for the engine; `state.select(rows)` follows a regrouping of sequences.
+* `start(prompts)` once (one full-sequence forward over the prompts' tails, incremental.prefill), then
+  `step(state, new_tokens)` per decoding step: one token through the network with cached keys/values of
+  the last window-1 positions (incremental.py). Constant cost per step, the cheap path for the engine;
+  `state.select(rows)` follows a regrouping of sequences.
 * `predict_next(token_ids)`: stateless, reruns the network on each sequence's last `receptive_field`
   tokens ((encoder_layers + decoder_layers) * (window - 1) + 1; 253 for 2+2 layers, window 64).
   Bounded but much dearer per step; useful when no state is kept.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expertflow.predictor.incremental import StepState, empty_state, step
+from expertflow.predictor.incremental import StepState, prefill, step
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel, load_model
 
 
@@ -40,10 +41,7 @@ class RoutingPredictor:
         """Activation probabilities (B, S, L, E) for every position; S is the longest sequence and the
         positions past a shorter sequence's end are zeros (sequences are right-padded, and causality
         keeps the padding from touching real positions)."""
-        if not token_ids or any(len(ids) == 0 for ids in token_ids):
-            raise ValueError("predict needs at least one non-empty sequence")
-        if max(max(ids) for ids in token_ids) >= self.config.vocab_size or min(min(ids) for ids in token_ids) < 0:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        self._check_sequences(token_ids, "predict")
         lengths = torch.tensor([len(ids) for ids in token_ids])
         batch = torch.zeros(len(token_ids), int(lengths.max()), dtype=torch.long)
         for i, ids in enumerate(token_ids):
@@ -65,18 +63,10 @@ class RoutingPredictor:
         return self.predict([token_ids.tolist()])[0].numpy()
 
     def start(self, token_ids: list[list[int]]) -> tuple[StepState, torch.Tensor]:
-        """Feed whole prompts; -> (state, probabilities (B, L, E) for each prompt's last token). Ragged
-        prompts are left-aligned by feeding inactive steps that leave nothing in the cache."""
-        if not token_ids or any(len(ids) == 0 for ids in token_ids):
-            raise ValueError("start needs at least one non-empty sequence")
-        longest = max(len(ids) for ids in token_ids)
-        state = empty_state(self.model, len(token_ids))
-        logits = None
-        for t in range(longest):
-            offset = [t - (longest - len(ids)) for ids in token_ids]              # index into each prompt
-            active = torch.tensor([o >= 0 for o in offset])
-            tokens = torch.tensor([ids[o] if o >= 0 else 0 for ids, o in zip(token_ids, offset)])
-            logits, state = step(self.model, state, self._checked(tokens), active)
+        """Feed whole prompts (ragged) in one forward; -> (state, probabilities (B, L, E) for each prompt's
+        last token), the state and probabilities stepping each prompt token by token would give."""
+        self._check_sequences(token_ids, "start")
+        logits, state = prefill(self.model, token_ids)
         return state, torch.sigmoid(logits)
 
     def step(self, state: StepState, tokens: list[int]) -> tuple[StepState, torch.Tensor]:
@@ -93,6 +83,12 @@ class RoutingPredictor:
         """`step` over sequences that each carry their own state (in any grouping): one batched forward."""
         state, probs = self.step(StepState.concat(states), tokens)
         return [state.select([i]) for i in range(len(states))], probs
+
+    def _check_sequences(self, token_ids: list[list[int]], caller: str) -> None:
+        if not token_ids or any(len(ids) == 0 for ids in token_ids):
+            raise ValueError(f"{caller} needs at least one non-empty sequence")
+        if max(max(ids) for ids in token_ids) >= self.config.vocab_size or min(min(ids) for ids in token_ids) < 0:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
 
     def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.numel() and (int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0):
