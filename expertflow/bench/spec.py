@@ -11,7 +11,7 @@ from pathlib import Path
 
 from expertflow.errors import ExpertflowError
 
-ENGINE_SCHEDULERS = ("similarity", "swap")
+ENGINE_SCHEDULERS = ("similarity", "swap", "exhaustive")
 STORE_NAMES = ("host", "disk")
 
 
@@ -51,7 +51,7 @@ class BenchConfig:
     store: str = "disk"
     drop_page_cache: bool = True       # disk reads bypass the OS page cache (posix_fadvise DONTNEED)
     predictor: Path | None = None      # the RPP the `expertflow` system plans and schedules from
-    scheduler: str = "swap"            # the token scheduler of the `expertflow` system
+    scheduler: str = "exhaustive"      # the token scheduler of the `expertflow` system
     schedule_unit: int = 2
     max_new_tokens: int = 32
     threads: int = 1

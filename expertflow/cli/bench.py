@@ -17,7 +17,7 @@ from expertflow.bench.costs import measure_expert_costs
 from expertflow.bench.harness import run_bench
 from expertflow.bench.plots import write_plots
 from expertflow.bench.report import COLUMNS, json_line, table_rows, title, write_results
-from expertflow.bench.spec import BenchConfig, CacheSize
+from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
 from expertflow.cli.report import print_json_line, print_table
 from expertflow.datasets import load_prompts
@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--page-cache", action="store_true",
                    help="let disk reads hit the OS page cache (default: bypass it, so disk means disk)")
     p.add_argument("--predictor", type=Path, default=None, metavar="DIR", help="RPP for the expertflow system")
-    p.add_argument("--scheduler", default="swap", choices=("swap", "similarity"),
-                   help="token scheduler of the expertflow system")
+    p.add_argument("--scheduler", default=None, choices=ENGINE_SCHEDULERS,
+                   help="token scheduler of the expertflow system (default exhaustive: exact for units of up to "
+                        "2 x 9, swap above)")
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         model=model, systems=_names(args.systems), cache_sizes=[CacheSize.parse(s) for s in _names(args.cache_experts)],
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
-        drop_page_cache=not args.page_cache, predictor=args.predictor, scheduler=args.scheduler,
-        schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
+        drop_page_cache=not args.page_cache, predictor=args.predictor,
+        **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
         io_threads=args.io_threads, dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),

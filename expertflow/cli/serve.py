@@ -8,7 +8,7 @@ import sys
 from expertflow.cli.options import add_engine_options, apply_threads, engine_config
 from expertflow.errors import ExpertflowError
 
-SERVE_SCHEDULERS = ("fifo", "similarity", "swap")  # kept equal to expertflow.server.SERVE_SCHEDULERS by a test
+SERVE_SCHEDULERS = ("fifo", "similarity", "swap", "exhaustive")  # kept equal to expertflow.server.SERVE_SCHEDULERS by a test
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ from expertflow.server.service import Service
 
 
 # Live token schedulers a server can run every step (exact branch and bound is for offline evaluation).
-SERVE_SCHEDULERS = ("fifo", "similarity", "swap")
+SERVE_SCHEDULERS = ("fifo", "similarity", "swap", "exhaustive")
 
 
 @dataclass(frozen=True)
