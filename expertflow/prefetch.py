@@ -67,7 +67,11 @@ class TransferWorker:
 
     def submit(self, key: Key, slot: int, generation: int, priority: int) -> Transfer:
         transfer = Transfer(key, slot, generation)
-        self._push(transfer, priority)
+        with self._cond:
+            if self._closed or not self._running():
+                raise ExpertflowError("the expert transfer worker is not running; reload the model")
+            heapq.heappush(self._heap, _Entry(priority, next(self._order), transfer))
+            self._cond.notify()
         return transfer
 
     def track(self, key: Key, slot: int, generation: int) -> Transfer:
@@ -81,11 +85,6 @@ class TransferWorker:
         if self._claim(transfer):
             self._execute(transfer)
         return self.wait(transfer)
-
-    def expedite(self, transfer: Transfer) -> None:
-        """A layer now waits for this transfer: move it ahead of the prefetches."""
-        if not transfer.future.done():
-            self._push(transfer, DEMAND)
 
     def wait(self, transfer: Transfer) -> object:
         """The transfer's result; raises ExpertflowError if it failed or the worker stopped."""
@@ -114,13 +113,6 @@ class TransferWorker:
     def _running(self) -> bool:
         return self._stopped_by is None and all(thread.is_alive() for thread in self._threads)
 
-    def _push(self, transfer: Transfer, priority: int) -> None:
-        with self._cond:
-            if self._closed or not self._running():
-                raise ExpertflowError("the expert transfer worker is not running; reload the model")
-            heapq.heappush(self._heap, _Entry(priority, next(self._order), transfer))
-            self._cond.notify()
-
     def _next(self) -> Transfer | None:
         """The next transfer for a free reader, marked running; None once closed with nothing left to do."""
         with self._cond:
@@ -138,7 +130,7 @@ class TransferWorker:
             entry = heapq.heappop(self._heap)
             transfer = entry.transfer
             if transfer.future.done() or transfer.future.running():
-                continue  # taken already: by a layer's `finish`, or the other entry of an expedited transfer
+                continue  # a layer's `finish` took it (copied or running it, or found it stale)
             if transfer.slot in self._busy_slots:
                 waiting.append(entry)
             elif self._start(transfer):
@@ -197,7 +189,7 @@ class TransferWorker:
             self._closed = True
             for entry in self._heap:
                 future = entry.transfer.future
-                if not (future.done() or future.running()):  # a running one is another reader's to finish
+                if not (future.done() or future.running()):  # a running one is a layer's `finish` copying it
                     future.set_exception(RuntimeError("the transfer worker stopped"))
             self._heap.clear()
             self._cond.notify_all()

@@ -37,18 +37,28 @@ class _Gate:
 
 
 def test_demand_transfers_jump_the_prefetch_queue():
-    gate = _Gate()
-    worker = TransferWorker(gate, lambda slot, generation: True)
+    # A queued demand (an initial resident) goes before queued prefetches; a layer's demand load (tracked,
+    # never queued) goes before both, copied by `finish` on the layer's thread while the reader is busy.
+    gate = _Gate()  # holds the only reader on the first transfer
+    copies = []
+
+    def copy(key, slot):
+        if key == (0, 0):
+            gate(key, slot)
+        copies.append((key, threading.current_thread().name))
+
+    worker = TransferWorker(copy, lambda slot, generation: True)
     first = worker.submit((0, 0), 0, 1, PREFETCH)
-    gate.started.wait(timeout=5)  # the worker holds the first transfer, blocked on the gate
+    gate.started.wait(timeout=5)
     prefetches = [worker.submit((0, e), e, 1, PREFETCH) for e in (1, 2)]
     demand = worker.submit((1, 7), 3, 1, DEMAND)
-    worker.expedite(prefetches[1])
+    worker.finish(worker.track((2, 5), 4, 1))  # returns while the reader is still blocked
     gate.open.set()
     for transfer in (first, *prefetches, demand):
         worker.wait(transfer)
-    assert gate.order == [(0, 0), (1, 7), (0, 2), (0, 1)]
     worker.close()
+    layer, reader = threading.current_thread().name, "expertflow-transfers-0"
+    assert copies == [((2, 5), layer), ((0, 0), reader), ((1, 7), reader), ((0, 1), reader), ((0, 2), reader)]
 
 
 @pytest.mark.parametrize("readers", [1, 4])
@@ -120,12 +130,14 @@ class _Readers:
         self.cond = threading.Condition()
         self.released: set[tuple[int, int]] = set()
         self.log: list[tuple[str, tuple[int, int]]] = []
+        self.threads: dict[tuple[int, int], str] = {}  # the thread that started each key's copy (the last)
         self.running = 0
         self.most_running = 0
 
     def __call__(self, key, slot):
         with self.cond:
             self.log.append(("start", key))
+            self.threads[key] = threading.current_thread().name
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             self.cond.notify_all()
@@ -194,18 +206,23 @@ def test_a_reassigned_slot_is_written_by_one_copy_at_a_time():
     worker.close()
 
 
-def test_an_expedited_transfer_is_copied_once_with_free_readers():
-    readers = _Readers()
-    worker = TransferWorker(readers, lambda slot, generation: True, readers=4)
-    transfer = worker.submit((0, 1), 0, 1, PREFETCH)
-    readers.await_starts(1)
-    worker.expedite(transfer)  # queued again while it runs; three readers are idle
-    marker = worker.submit((0, 2), 1, 1, PREFETCH)
-    readers.await_starts(2)  # the marker started, so the duplicate entry was already passed over
-    readers.release((0, 1), (0, 2))
-    worker.wait(transfer), worker.wait(marker)
+@pytest.mark.parametrize("readers", [1, 4])
+def test_a_transfer_is_copied_once_whoever_takes_it(readers):
+    copies = _Readers()
+    worker = TransferWorker(copies, lambda slot, generation: True, readers)
+    busy = [worker.submit((0, e), e, 1, PREFETCH) for e in range(readers)]
+    copies.await_starts(readers)  # every reader is busy
+    taken = worker.submit((1, 0), readers, 1, PREFETCH)
+    marker = worker.submit((1, 1), readers + 1, 1, PREFETCH)  # queued behind `taken`
+    copies.release((1, 0))
+    worker.finish(taken)  # the layer copies it; its queue entry stays behind
+    copies.release(*(transfer.key for transfer in busy), (1, 1))
+    worker.wait(marker)  # a reader reached the marker, so it passed over the entry `finish` took
+    for transfer in (taken, *busy):
+        worker.finish(transfer)  # copied already: waited on, not copied again
     worker.close()
-    assert readers.started == [(0, 1), (0, 2)]
+    assert sorted(copies.started) == sorted([*(transfer.key for transfer in busy), (1, 0), (1, 1)])
+    assert copies.threads[(1, 0)] == threading.current_thread().name
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["serve"]])
