@@ -12,6 +12,7 @@ D: u is a running estimate of per-forward use (an exponential moving average, DE
 traces it is a calibrated estimate of the next forward's use). A study forecast that also covers the h
 forwards after the coming one (`LookaheadForecast`, simulator only) replaces the guess by the known
 chances: later(D) = sum_j P(first next use in forward j) * BETA**(D + j L) + P(none of them) * u-term.
+BETA, DECAY, THRESHOLD and LEAD are `PLECConfig`'s beta, decay, threshold and lead.
 
 The paper's parts, in these terms:
 - slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
@@ -32,14 +33,33 @@ The paper's parts, in these terms:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from expertflow.policies.base import CachePolicy, Forecast, Key
 from expertflow.policies.forecast import LookaheadForecast
 
-THRESHOLD = 0.5   # forecast probability worth a prefetch
-BETA = 0.9        # value discount per layer of distance to the use
-DECAY = 0.9       # per-forward decay of the usage average u
-LEAD = 1          # a prefetch that must evict waits until its layer is at most this many layers ahead
+
+@dataclass(frozen=True)
+class PLECConfig:
+    """PLEC's knobs; the engine and the simulator run `PLECConfig()`, these defaults."""
+
+    threshold: float = 0.5  # forecast probability worth a prefetch
+    beta: float = 0.9       # value discount per layer of distance to the use
+    decay: float = 0.9      # per-forward decay of the usage average u
+    lead: int = 1           # a prefetch that must evict waits until its layer is at most this many layers ahead
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"PLEC threshold is the forecast probability worth a prefetch and must be in (0, 1], "
+                             f"got {self.threshold}")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"PLEC beta is the value discount per layer of distance and must be in (0, 1], "
+                             f"got {self.beta}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"PLEC decay is the per-forward decay of the usage average and must be in [0, 1), "
+                             f"got {self.decay}")
+        if isinstance(self.lead, bool) or not isinstance(self.lead, int) or self.lead < 0:
+            raise ValueError(f"PLEC lead counts layers ahead and must be an integer >= 0, got {self.lead!r}")
 
 
 class PLECPolicy(CachePolicy):
@@ -47,8 +67,10 @@ class PLECPolicy(CachePolicy):
     prefetches = True
     uses_forecast = True
 
-    def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
+    def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
+                 config: PLECConfig = PLECConfig()) -> None:
         super().__init__(capacity, layers, num_experts, top_k)
+        self.config = config
         self._forecast: dict[Key, float] = {}
         self._later: tuple[Forecast, ...] = ()     # forecasts of the forwards after this one (study only)
         self._running = -1                         # position of the layer whose routing is known
@@ -66,9 +88,9 @@ class PLECPolicy(CachePolicy):
         self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0 and self.in_forward(k[0])}
         self._later = forecast.later if isinstance(forecast, LookaheadForecast) else ()
         self._prefetched = set()
-        self._mispredicted -= {k for k, p in self._forecast.items() if p >= THRESHOLD}
+        self._mispredicted -= {k for k, p in self._forecast.items() if p >= self.config.threshold}
         self._cheapest = None
-        wanted = [k for k, p in self._forecast.items() if p >= THRESHOLD]
+        wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
         return sorted(wanted, key=lambda k: (self.position(k[0]), -self._forecast[k], k[1]))
 
     def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
@@ -82,11 +104,11 @@ class PLECPolicy(CachePolicy):
         return []
 
     def _use(self, key: Key) -> None:
-        self._usage[key] = (self._u(key) + (1.0 - DECAY), self._forward)
+        self._usage[key] = (self._u(key) + (1.0 - self.config.decay), self._forward)
 
     def _u(self, key: Key) -> float:
         u, when = self._usage.get(key, (0.0, self._forward))
-        return u * DECAY ** (self._forward - when)
+        return u * self.config.decay ** (self._forward - when)
 
     def value(self, key: Key) -> float:
         if key in self._pending:
@@ -101,7 +123,7 @@ class PLECPolicy(CachePolicy):
         if distance <= 0:
             return later
         p = self._forecast.get(key, 0.0)
-        return p * BETA**distance + (1.0 - p) * later
+        return p * self.config.beta**distance + (1.0 - p) * later
 
     def _later_value(self, key: Key, distance: int) -> float:
         """Discounted chance of the key's use in a later forward, `distance` layers away in the next one."""
@@ -109,15 +131,15 @@ class PLECPolicy(CachePolicy):
         value, unused = 0.0, 1.0
         for forecast in self._later:  # known chances first (a study forecast), then the usage estimate
             p = forecast.get(key, 0.0)
-            value += unused * p * BETA**distance
+            value += unused * p * self.config.beta**distance
             unused *= 1.0 - p
             distance += steps
-        return value + unused * self._u(key) * BETA**distance
+        return value + unused * self._u(key) * self.config.beta**distance
 
     def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
         if not full:
             return True
-        if self.in_forward(key[0]) and self.position(key[0]) - self._running > LEAD:
+        if self.in_forward(key[0]) and self.position(key[0]) - self._running > self.config.lead:
             return False  # the planner retries it in a later window
         cheapest = self._cheapest_resident(pinned)
         return cheapest is not None and cheapest[0] < self.value(key)
