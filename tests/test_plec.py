@@ -1,10 +1,16 @@
-"""PLEC's config: validated, defaults unchanged, every knob reaching the decisions."""
+"""PLEC's config (validated, defaults unchanged, every knob reaching the decisions) and its cache of resident
+values, which must always equal a fresh `value` (checked at every decision on random forwards)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from expertflow.policies.forecast import LookaheadForecast
+from expertflow.policies.planner import CachePlanner
 from expertflow.policies.plec import PLECConfig, PLECPolicy
+from expertflow.residency import Residency
+from expertflow.simulator import Forward, replay_forward
 
 
 def test_defaults_are_the_values_the_figures_were_measured_with():
@@ -57,3 +63,67 @@ def test_lead_holds_back_an_evicting_prefetch_until_its_layer_is_that_close(lead
     policy.plan({(2, 3): 0.9})
     policy.on_layer(1, [])  # layer 2 is one layer ahead; the residents are worth nothing
     assert policy.admit((2, 3), {(0, 0), (0, 1)}, (), full=True) is admitted
+
+
+class _CheckedPLEC(PLECPolicy):
+    """PLEC that checks, at every decision, that each cached resident value is the value computed afresh."""
+
+    def _cheapest_resident(self, pinned):
+        cheapest = super()._cheapest_resident(pinned)
+        for key, value in self._values.items():
+            assert key in self._resident and value == self.value(key), key
+        self.checked += 1
+        return cheapest
+
+
+def _random_forwards(rng: np.random.Generator, layers: int, experts: int, top_k: int, count: int,
+                     stacks: bool) -> list[tuple[list[list[int]], dict, tuple[int, ...]]]:
+    """`count` forwards: per layer the experts used, a noisy forecast (likely for the used experts, and
+    some others), and the layers that run (with `stacks`, an encoder forward then two decoder steps)."""
+    forwards = []
+    for i in range(count):
+        runs = tuple(range(layers))
+        if stacks:
+            runs = runs[: layers // 2] if i % 3 == 0 else runs[layers // 2:]
+        used = [[] for _ in range(layers)]
+        forecast = {}
+        for layer in runs:
+            used[layer] = sorted(rng.choice(experts, size=int(rng.integers(1, 2 * top_k + 1)), replace=False).tolist())
+            for e in rng.choice(experts, size=experts // 2, replace=False).tolist():
+                forecast[(layer, e)] = float(rng.uniform(0.0, 0.7))
+            for e in used[layer]:
+                forecast[(layer, e)] = float(rng.uniform(0.3, 1.0))
+        forwards.append((used, forecast, runs))
+    return forwards
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("transfer_ratio", [None, 1.5])
+@pytest.mark.parametrize(("lookahead", "stacks"), [(0, False), (2, False), (0, True)])
+def test_cached_resident_values_always_equal_fresh_ones(seed, transfer_ratio, lookahead, stacks):
+    layers, experts, top_k, capacity = 4, 8, 2, 6
+    rng = np.random.default_rng(seed)
+    raw = _random_forwards(rng, layers, experts, top_k, 40, stacks)
+    policy = _CheckedPLEC(capacity, list(range(layers)), experts, top_k)
+    policy.checked = 0
+    planner = CachePlanner(Residency(capacity, policy), transfer_ratio)
+    for i, (used, forecast, runs) in enumerate(raw):
+        if lookahead:
+            forecast = LookaheadForecast(forecast, [f for _, f, _ in raw[i + 1: i + 1 + lookahead]])
+        fw = Forward(tuple(tuple(e) for e in used), forecast, prefill=False, layers=runs if stacks else None)
+        replay_forward(planner, fw, list(range(layers)))
+    assert policy.checked > 100 and planner.residency.counters.evictions > 50
+
+
+def test_a_forward_over_other_layers_revalues_the_residents():
+    policy = _CheckedPLEC(2, [0, 1, 2, 3], 4, 1)
+    policy.checked = 0
+    planner = CachePlanner(Residency(2, policy), None)
+    planner.begin_step(None)
+    for layer in range(4):  # expert 0 of every layer through 2 slots: the residents' values get cached
+        planner.route(layer, [(layer, 0)])
+        planner.residency.use((layer, 0))
+        planner.finish_layer(layer)
+    policy.begin_forward([2, 3])  # positions move (a decoder step) without a plan
+    planner.residency.use((3, 1))
+    assert policy.checked == 3

@@ -81,6 +81,11 @@ class PLECPolicy(CachePolicy):
         self._mispredicted: set[Key] = set()
         self._resident: set[Key] = set()
         self._cheapest: tuple[float, Key] | None = None  # cached min over unpinned residents
+        self._values: dict[Key, float] = {}        # residents' `value`, until a state it reads changes
+
+    def begin_forward(self, layers: Sequence[int]) -> None:
+        super().begin_forward(layers)
+        self._values = {}  # distances count the new forward's layers
 
     def plan(self, forecast: Forecast | None) -> list[Key]:
         self._forward += 1
@@ -90,6 +95,7 @@ class PLECPolicy(CachePolicy):
         self._prefetched = set()
         self._mispredicted -= {k for k, p in self._forecast.items() if p >= self.config.threshold}
         self._cheapest = None
+        self._values = {}
         wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
         return sorted(wanted, key=lambda k: (self.position(k[0]), -self._forecast[k], k[1]))
 
@@ -101,6 +107,7 @@ class PLECPolicy(CachePolicy):
         self._mispredicted |= {k for k in self._prefetched if k[0] == layer and k not in self._pending}
         self._mispredicted -= self._pending
         self._cheapest = None
+        self._values = {}
         return []
 
     def _use(self, key: Key) -> None:
@@ -146,9 +153,17 @@ class PLECPolicy(CachePolicy):
 
     def _cheapest_resident(self, pinned: Collection[Key]) -> tuple[float, Key] | None:
         if self._cheapest is None:
-            candidates = [(self.value(k), k) for k in self._resident if k not in pinned]
+            candidates = [(self._resident_value(k), k) for k in self._resident if k not in pinned]
             self._cheapest = min(candidates) if candidates else None
         return self._cheapest
+
+    def _resident_value(self, key: Key) -> float:
+        """`value(key)`, computed once while the key is resident, until `plan`, `on_layer` or `begin_forward`
+        change every value or a hit or eviction of this key changes its own (nothing else `value` reads moves)."""
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = self.value(key)
+        return value
 
     def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
         if not full:
@@ -159,6 +174,7 @@ class PLECPolicy(CachePolicy):
 
     def on_hit(self, key: Key) -> None:
         self._pending.discard(key)
+        self._values.pop(key, None)
         self._cheapest = None
 
     def on_load(self, key: Key) -> None:
@@ -172,4 +188,5 @@ class PLECPolicy(CachePolicy):
         self._resident.discard(key)
         self._prefetched.discard(key)
         self._mispredicted.discard(key)
+        self._values.pop(key, None)
         self._cheapest = None
