@@ -9,6 +9,7 @@ import pytest
 
 import expertflow
 from expertflow.cli import main
+from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
 from expertflow.simulator import SimConfig, batch_forwards, simulate
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet
 from tests.test_policy_exactness import HashPredictor
@@ -53,9 +54,9 @@ def test_simulator_counts_what_the_live_engine_counts(tiny_mixtral_dir, policy, 
     assert sim.prefetch_loads == sim.prefetch_hits + sim.wasted_prefetches + sim.stale_prefetches
 
 
-def _synthetic_traces(path, seed=0):
+def _synthetic_traces(path, seed=0, model="synthetic"):
     rng = np.random.default_rng(seed)
-    header = TraceHeader(model="synthetic", num_layers=8, num_experts=32, top_k=2, dataset="synthetic")
+    header = TraceHeader(model=model, num_layers=8, num_experts=32, top_k=2, dataset="synthetic")
     seqs = []
     for _ in range(6):
         tokens = 12
@@ -98,3 +99,15 @@ def test_simulate_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["simulate", "--traces", str(traces), "--transfer-ratio", "2", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_simulate_plans_from_the_shipped_predictor_on_traces_of_the_embedded_model(tmp_path, capsys):
+    traces = _synthetic_traces(tmp_path / "t.safetensors", model=EMBEDDED_MODEL_NAME)
+    args = ["simulate", "--traces", str(traces), "--policies", "expertflow", "--cache-experts", "64",
+            "--transfer-ratio", "4", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"predictor {EMBEDDED_PREDICTOR_DIR}" in " ".join(out.split())
+    shipped = json.loads(out.strip().splitlines()[-1])["results"]
+    assert main([*args, "--predictor", str(EMBEDDED_PREDICTOR_DIR)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"] == shipped

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
 from expertflow.policies import POLICIES
 from expertflow.simulator import SimResult, sweep
@@ -22,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-experts", default="10%,25%,50%", help="slots, or %% of all experts: 26,25%%,...")
     p.add_argument("--batch-size", default="1", help="sequences decoded together: 1,4,8,16")
     p.add_argument("--predictor", default=None,
-                   help="RPP directory for the expertflow policy; or 'oracle' (the true routing: an upper "
-                   "bound) or 'tlp' (the previous token's routing)")
+                   help="RPP directory for the expertflow policy (default for traces of the embedded model: "
+                   "its shipped RPP); or 'oracle' (the true routing: an upper bound) or 'tlp' (the previous "
+                   "token's routing)")
     p.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                    help="expert loads that fit in one layer's compute (default: measured on this machine)")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
@@ -43,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
     batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
     if "expertflow" in policies and args.predictor is None:
-        raise ExpertflowError("policy expertflow plans from a routing predictor; pass --predictor DIR "
-                              "(or --predictor oracle for the upper bound)")
+        args.predictor = _embedded_predictor(traces, args.model)
     import torch  # the simulator is pure Python; only the predictor and the measurement need torch
 
     torch.set_num_threads(args.threads)
@@ -64,6 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line({"results": [_json(r, size) for r in results]})
     return 0
+
+
+def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:
+    """Traces of the embedded model plan from the RPP shipped with it, as `generate` does; others must say."""
+    embedded = model is None or model.resolve() == EMBEDDED_MODEL_DIR.resolve()
+    if traces.header.model == EMBEDDED_MODEL_NAME and embedded:
+        return str(EMBEDDED_PREDICTOR_DIR)
+    raise ExpertflowError("policy expertflow plans from a routing predictor; pass --predictor DIR "
+                          "(or --predictor oracle for the upper bound)")
 
 
 def _items(text: str) -> list[str]:
