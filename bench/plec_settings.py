@@ -1,0 +1,87 @@
+"""PLEC's knobs (PLECConfig: threshold, beta, decay, lead) swept on tuning traces with the shipped RPP.
+
+Each setting replays the same decode batches through `expertflow.simulator.simulate` with a PLECPolicy
+built with it; Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
+400-499), then check the chosen setting on the eval traces. Prints a table, ends with one JSON line.
+
+    python bench/plec_settings.py --traces results/traces/xsum_tune.safetensors results/traces/wmt16_tune.safetensors \
+        --threshold 0.3,0.4,0.5 --beta 0.9 --cache-experts 10%,25% --batch-size 1,8,16 [--transfer-ratio 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared
+
+from expertflow.cli.calibrate import predictions_for  # noqa: E402
+from expertflow.cli.report import print_json_line, print_table  # noqa: E402
+from expertflow.embedded import EMBEDDED_PREDICTOR_DIR  # noqa: E402
+from expertflow.policies.plec import PLECConfig, PLECPolicy  # noqa: E402
+from expertflow.simulator import SimConfig, batch_forwards, simulate  # noqa: E402
+from expertflow.traces import read_traces  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def _cache(text: str, total: int) -> int:
+    return max(1, round(float(text[:-1]) / 100 * total)) if text.endswith("%") else int(text)
+
+
+def sweep(path: Path, predictor: str, settings: list[PLECConfig], caches: list[str], batches: list[int],
+          ratio: float) -> list[dict]:
+    traces = read_traces(path)
+    h = traces.header
+    layers = list(range(h.num_layers))
+    predictions = predictions_for(traces, predictor)
+    rows = []
+    for batch in batches:
+        forwards = batch_forwards(traces, batch, predictions)
+        for text in caches:
+            cache = _cache(text, h.num_layers * h.num_experts)
+            floor = simulate(forwards, layers, h.num_experts, h.top_k, SimConfig("belady", cache, batch, ratio))
+            for setting in settings:
+                policy = PLECPolicy(cache, layers, h.num_experts, h.top_k, config=setting)
+                run = simulate(forwards, layers, h.num_experts, h.top_k, SimConfig("expertflow", cache, batch, ratio),
+                               policy).counters
+                rows.append({"traces": path.stem, "cache": text, "cache_experts": cache, "batch_size": batch,
+                             "threshold": setting.threshold, "beta": setting.beta, "decay": setting.decay,
+                             "lead": setting.lead, "hit_ratio": run.hit_ratio, "loads": run.loads,
+                             "wasted": run.wasted_prefetches, "loads_vs_belady": run.loads / max(floor.counters.loads, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", nargs="+", type=Path, required=True)
+    parser.add_argument("--predictor", default=str(EMBEDDED_PREDICTOR_DIR))
+    parser.add_argument("--threshold", default="0.5")
+    parser.add_argument("--beta", default="0.9")
+    parser.add_argument("--decay", default="0.9")
+    parser.add_argument("--lead", default="1")
+    parser.add_argument("--cache-experts", default="10%,25%")
+    parser.add_argument("--batch-size", default="1,8,16")
+    parser.add_argument("--transfer-ratio", type=float, default=15.0)
+    args = parser.parse_args()
+    settings = [PLECConfig(t, b, d, int(lead)) for t, b, d, lead in itertools.product(
+        _floats(args.threshold), _floats(args.beta), _floats(args.decay), _floats(args.lead))]
+    caches = [c.strip() for c in args.cache_experts.split(",")]
+    batches = [int(b) for b in args.batch_size.split(",")]
+    rows = [row for path in args.traces
+            for row in sweep(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
+    print_table(f"PLEC settings, transfer ratio {args.transfer_ratio}, predictor {args.predictor}",
+                ("traces", "cache", "batch", "threshold", "beta", "decay", "lead", "hit ratio", "loads", "wasted",
+                 "loads/belady"),
+                [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["beta"]), str(r["decay"]),
+                  str(r["lead"]), f"{r['hit_ratio']:.3f}", str(r["loads"]), str(r["wasted"]),
+                  f"{r['loads_vs_belady']:.2f}"] for r in rows])
+    print_json_line({"results": rows})
+
+
+if __name__ == "__main__":
+    main()
