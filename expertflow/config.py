@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import policy_class
+from expertflow.policies import policy_class, policy_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_NAMES = ("host", "disk")
@@ -47,6 +47,8 @@ class EngineConfig:
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
     drop_page_cache: bool = False          # disk store: drop each read from the OS page cache (really read the disk)
     io_threads: int = 1                    # expert transfers run at once (a device serving parallel reads gains)
+    policy_settings: dict[str, float] = field(default_factory=dict)  # the policy's knobs, e.g. PLEC's
+                                           # {"threshold": 0.2}; empty: its defaults
 
     def __post_init__(self) -> None:
         self.model = Path(self.model).expanduser()
@@ -80,6 +82,7 @@ class EngineConfig:
             raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if self.policy is None:
             self.policy = "none" if self.cache_experts is None and self.cache_bytes is None else "lru"
+        policy_settings(self.policy, self.policy_settings)  # fails now, naming the knob, not at load time
         if self.predictor is None and self._embedded_model() and policy_class(self.policy).uses_forecast:
             self.predictor = EMBEDDED_PREDICTOR_DIR  # shipped with the package for exactly this model
 

@@ -20,7 +20,7 @@ from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.experts import OffloadedExperts, RoutingObserver
-from expertflow.policies import CachePolicy, policy_class
+from expertflow.policies import CachePolicy, build_policy
 from expertflow.residency import Residency
 from expertflow.store import STORES, ExpertStore
 
@@ -64,7 +64,8 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     # The policy checks the budget before any expert is read, so a bad budget fails fast.
     expert_bytes = adapter.layout.nbytes(config.torch_dtype)
     capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes)
-    policy = policy_class(config.policy)(capacity, layers, adapter.num_experts, adapter.top_k)
+    policy = build_policy(config.policy, capacity, layers, adapter.num_experts, adapter.top_k,
+                          config.policy_settings)
     if policy.needs_future:
         raise ExpertflowError(f"policy {policy.name!r} needs the future access sequence; compare it with "
                               "expertflow simulate --policies ...,belady")

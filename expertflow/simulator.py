@@ -15,12 +15,12 @@ Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from expertflow.policies import CachePolicy, Forecast, Key, policy_class
+from expertflow.policies import CachePolicy, Forecast, Key, build_policy
 from expertflow.policies.forecast import LookaheadForecast, batch_forecast, restrict
 from expertflow.policies.planner import CachePlanner
 from expertflow.residency import CacheCounters, Residency
@@ -46,6 +46,7 @@ class SimConfig:
     transfer_ratio: float | None = None   # expert loads per layer compute; None = unlimited
     count_prefill: bool = False           # figures over prefill forwards too (they are replayed anyway)
     lookahead: int = 0                    # study: each forecast also carries the next `lookahead` forwards'
+    policy_settings: tuple[tuple[str, float], ...] = ()  # the policy's knobs (name, value), e.g. PLEC's threshold
 
     def __post_init__(self) -> None:
         if self.cache_experts < 1 or self.batch_size < 1:
@@ -126,7 +127,8 @@ def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: in
     """Replay `forwards` through config.policy built with its defaults, or through `policy` (a study's own
     settings, e.g. PLECPolicy(..., config=PLECConfig(threshold=0.3)); its capacity must be the config's)."""
     if policy is None:
-        policy = policy_class(config.policy)(config.cache_experts, layers, num_experts, top_k)
+        policy = build_policy(config.policy, config.cache_experts, layers, num_experts, top_k,
+                              dict(config.policy_settings))
     elif (policy.name, policy.capacity) != (config.policy, config.cache_experts):
         raise ValueError(f"the policy given is {policy.name} with {policy.capacity} slots but the config says "
                          f"{config.policy} with {config.cache_experts}")
@@ -166,8 +168,10 @@ def _plus(a: CacheCounters, b: CacheCounters) -> CacheCounters:
 
 def sweep(traces: TraceSet, policies: Sequence[str], cache_sizes: Sequence[int], batch_sizes: Sequence[int],
           transfer_ratio: float | None, predictions: Sequence[np.ndarray] | None = None,
-          count_prefill: bool = False) -> list[SimResult]:
-    """Every policy at every (cache size, batch size), each with its loads relative to Belady's MIN."""
+          count_prefill: bool = False, settings: Mapping[str, Mapping[str, float]] | None = None) -> list[SimResult]:
+    """Every policy at every (cache size, batch size), each with its loads relative to Belady's MIN.
+    `settings`: per policy name, its knobs (the others run their defaults)."""
+    knobs = {name: tuple(sorted((settings or {}).get(name, {}).items())) for name in ["belady", *policies]}
     h = traces.header
     layers = list(range(h.num_layers))
     results: list[SimResult] = []
@@ -175,7 +179,8 @@ def sweep(traces: TraceSet, policies: Sequence[str], cache_sizes: Sequence[int],
         forwards = batch_forwards(traces, batch_size, predictions)
         for cache in cache_sizes:
             run = {name: simulate(forwards, layers, h.num_experts, h.top_k,
-                                  SimConfig(name, cache, batch_size, transfer_ratio, count_prefill))
+                                  SimConfig(name, cache, batch_size, transfer_ratio, count_prefill,
+                                            policy_settings=knobs[name]))
                    for name in dict.fromkeys(["belady", *policies])}
             floor = run["belady"].counters.loads
             for name in policies:

@@ -55,6 +55,7 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
                     predictor=str(config.predictor) if config.predictor else None,
                     scheduler=config.scheduler if name == "expertflow" else "fifo",
                     schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
+                    prefetch_threshold=config.prefetch_threshold if name == "expertflow" else None,
                     offload_dir=offload_dir))
     return runs
 
@@ -124,7 +125,8 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]]) -> 
     return {
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
-        "io_threads": config.io_threads,  # transfers at once where a policy prefetches; lru/lfu load on demand
+        "io_threads": config.io_threads,
+        "prefetch_threshold": config.prefetch_threshold,  # the expertflow system's PLEC threshold (None: 0.5)  # transfers at once where a policy prefetches; lru/lfu load on demand
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
         "disk_reads": ("pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"

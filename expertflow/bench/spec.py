@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from expertflow.errors import ExpertflowError
+from expertflow.policies import policy_settings, prefetch_settings
 
 ENGINE_SCHEDULERS = ("similarity", "swap", "exhaustive")
 STORE_NAMES = ("host", "disk")
@@ -56,6 +57,7 @@ class BenchConfig:
     max_new_tokens: int = 32
     threads: int = 1
     io_threads: int = 1                # expert transfers at once for engine systems whose policy prefetches
+    prefetch_threshold: float | None = None  # the `expertflow` system's PLEC threshold (None: its default)
     dataset: str = "custom"
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
@@ -78,6 +80,10 @@ class BenchConfig:
             raise ExpertflowError(f"unknown scheduler {self.scheduler!r}; choose {' or '.join(ENGINE_SCHEDULERS)}")
         if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit) < 1:
             raise ExpertflowError("--max-new-tokens, --threads, --io-threads and --schedule-unit must be at least 1")
+        if self.prefetch_threshold is not None:
+            if "expertflow" not in self.systems:
+                raise ExpertflowError("--prefetch-threshold applies to system expertflow; add it to --systems")
+            policy_settings("expertflow", prefetch_settings(self.prefetch_threshold))
         if "expertflow" in self.systems and self.predictor is None:
             raise ExpertflowError("system expertflow plans from a routing predictor; pass --predictor DIR "
                                   "(train one with expertflow train-predictor)")
@@ -102,6 +108,7 @@ class RunSpec:
     schedule_unit: int = 2
     threads: int = 1
     io_threads: int = 1
+    prefetch_threshold: float | None = None
     offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
 
     def to_json(self) -> dict:

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, choices=ENGINE_SCHEDULERS,
                    help="token scheduler of the expertflow system (default exhaustive: exact for units of up to "
                         "2 x 9, swap above)")
+    p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
+                   help="the expertflow system's forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor,
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        io_threads=args.io_threads, dataset=args.dataset,
+        io_threads=args.io_threads, prefetch_threshold=args.prefetch_threshold, dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
                     checkpoint=lambda partial: write_results(partial, config.out))

@@ -9,7 +9,7 @@ import torch
 
 from expertflow.config import EngineConfig, parse_size
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES
+from expertflow.policies import POLICIES, prefetch_settings
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="trained routing predictor (RPP) the expertflow policy plans from")
     parser.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                         help="prefetches issued per layer window (default: no limit)")
+    parser.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
+                        help="policy expertflow: the forecast probability worth a prefetch (default 0.5; lower "
+                             "prefetches more: more hits, more loads)")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N",
                         help="expert transfers run at once by policies that prefetch (ring, pregated, "
                              "expertflow); lru and lfu load on demand, one at a time (default 1)")
@@ -46,7 +49,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
         predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
-        io_threads=args.io_threads,
+        io_threads=args.io_threads, policy_settings=prefetch_settings(args.prefetch_threshold),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES
+from expertflow.policies import POLICIES, policy_settings, prefetch_settings
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
 
@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "token's routing)")
     p.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                    help="expert loads that fit in one layer's compute (default: measured on this machine)")
+    p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
+                   help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
                    "default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     h = traces.header
     caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
     batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
+    settings = _settings(args.prefetch_threshold, policies)
     if "expertflow" in policies and args.predictor is None:
         args.predictor = _embedded_predictor(traces, args.model)
     import torch  # the simulator is pure Python; only the predictor and the measurement need torch
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     predictions = predictions_for(traces, args.predictor) if args.predictor else None
     ratio = args.transfer_ratio if args.transfer_ratio is not None else measure_transfer_ratio(args.model)
     start = time.perf_counter()
-    results = sweep(traces, policies, caches, batches, ratio, predictions, args.include_prefill)
+    results = sweep(traces, policies, caches, batches, ratio, predictions, args.include_prefill, settings)
     size = expert_bytes(args.model)
     title = (f"{args.traces.name}: {len(traces.sequences)} sequences, transfer ratio {ratio:.2f} loads/layer, "
              f"predictor {args.predictor or '-'}, {time.perf_counter() - start:.1f} s")
@@ -65,6 +68,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line({"results": [_json(r, size) for r in results]})
     return 0
+
+
+def _settings(threshold: float | None, policies: list[str]) -> dict[str, dict[str, float]]:
+    """--prefetch-threshold as PLEC's settings, checked now (one line, before any replay)."""
+    if threshold is None:
+        return {}
+    if "expertflow" not in policies:
+        raise ExpertflowError("--prefetch-threshold applies to policy expertflow; add it to --policies")
+    settings = prefetch_settings(threshold)
+    policy_settings("expertflow", settings)
+    return {"expertflow": settings}
 
 
 def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:

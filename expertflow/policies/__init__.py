@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+
 from expertflow.errors import ExpertflowError
 from expertflow.policies.base import CachePolicy, Forecast, Key
 from expertflow.policies.belady import BeladyPolicy
@@ -18,6 +21,39 @@ POLICIES: dict[str, type[CachePolicy]] = {
 }
 
 
+def policy_settings(name: str, settings: Mapping[str, object]) -> object | None:
+    """The policy's validated settings object from `settings` (None when empty: the policy's defaults);
+    a one-line error when the policy has no such knobs or a value is out of range."""
+    if not settings:
+        return None
+    cls = policy_class(name)
+    if cls.settings_class is None:
+        raise ExpertflowError(f"policy {name!r} has no settings ({', '.join(settings)} given); "
+                              f"{', '.join(sorted(settings))} applies to policy "
+                              f"{' or '.join(n for n, c in POLICIES.items() if c.settings_class)}")
+    known = {f.name for f in fields(cls.settings_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ExpertflowError(f"policy {name!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
+    try:
+        return cls.settings_class(**settings)
+    except ValueError as exc:
+        raise ExpertflowError(str(exc)) from None
+
+
+def prefetch_settings(threshold: float | None) -> dict[str, float]:
+    """The CLI's --prefetch-threshold as policy settings (PLECConfig's `threshold`)."""
+    return {} if threshold is None else {"threshold": threshold}
+
+
+def build_policy(name: str, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
+                 settings: Mapping[str, object] | None = None) -> CachePolicy:
+    """The policy `name` over `capacity` slots, with its settings where given."""
+    config = policy_settings(name, settings or {})
+    options = {} if config is None else {"config": config}
+    return policy_class(name)(capacity, layers, num_experts, top_k, **options)
+
+
 def policy_class(name: str) -> type[CachePolicy]:
     try:
         return POLICIES[name]
@@ -25,4 +61,4 @@ def policy_class(name: str) -> type[CachePolicy]:
         raise ExpertflowError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["POLICIES", "CachePolicy", "Forecast", "Key", "policy_class"]
+__all__ = ["POLICIES", "CachePolicy", "Forecast", "Key", "build_policy", "policy_class", "policy_settings", "prefetch_settings"]

@@ -34,6 +34,7 @@ class CachePolicy(ABC):
     prefetches: ClassVar[bool] = False      # issues prefetches, so the live cache needs a transfer worker
     uses_forecast: ClassVar[bool] = False   # plans from a routing forecast (an RPP)
     needs_future: ClassVar[bool] = False    # offline: needs the whole access sequence (simulator only)
+    settings_class: ClassVar[type | None] = None  # a dataclass of the policy's knobs, passed as `config=`
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
         self.capacity = capacity

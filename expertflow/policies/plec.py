@@ -66,6 +66,7 @@ class PLECPolicy(CachePolicy):
     name = "expertflow"
     prefetches = True
     uses_forecast = True
+    settings_class = PLECConfig
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
                  config: PLECConfig = PLECConfig()) -> None:
