@@ -56,7 +56,7 @@ def test_encoder_decoder_models_are_refused(tmp_path: Path) -> None:
         RouterTeacher.load(tmp_path / "switch")
 
 
-def test_distillation_loss_is_bce_plus_weighted_kl_per_expert() -> None:
+def test_distillation_loss_is_bce_plus_weighted_kl_of_standardised_logits() -> None:
     E, L = 4, 2
     torch.manual_seed(0)
     model = RoutingPathModel(PredictorConfig(vocab_size=16, num_layers=L, num_experts=E, top_k=1, d_model=8,
@@ -68,8 +68,9 @@ def test_distillation_loss_is_bce_plus_weighted_kl_per_expert() -> None:
     loss, _, count, bce = _loss(model, [(ids, routing, soft)], E, config)
     logits = model(torch.as_tensor(ids)[None])[0]                                   # (S, L, E)
     teacher = torch.as_tensor(soft.astype(np.float32))
-    p = F.softmax(teacher / 2.0, -1)
-    kl = (p * (p.log() - F.log_softmax(logits / 2.0, -1))).sum(-1) * 4.0 / E        # (S, L), times T^2
+    z = lambda x: (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)  # noqa: E731
+    p = F.softmax(z(teacher) / 2.0, -1)
+    kl = (p * (p.log() - F.log_softmax(z(logits) / 2.0, -1))).sum(-1) * 4.0 / E     # (S, L), times T^2
     targets = F.one_hot(torch.as_tensor(routing[..., 0].astype(np.int64)), E).float()
     expected_bce = F.binary_cross_entropy_with_logits(logits, targets)
     assert count == 6

@@ -129,6 +129,11 @@ def _batches(pieces: list, batch_size: int, rng: np.random.Generator | None) -> 
     return groups
 
 
+def _standardised(logits: torch.Tensor) -> torch.Tensor:
+    """(..., E) -> zero mean, unit deviation over the experts."""
+    return (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, keepdim=True).clamp(min=1e-6)
+
+
 def _loss(model: RoutingPathModel, batch: list, num_experts: int, config: TrainConfig
           ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """-> (training loss, summed top-k hits, scored (position, layer) count, the BCE part alone)."""
@@ -139,11 +144,13 @@ def _loss(model: RoutingPathModel, batch: list, num_experts: int, config: TrainC
     bce = (per_layer * valid).sum() / count
     loss = bce
     if soft is not None and config.distill_weight > 0:
-        # KL(teacher || predictor) over each (position, layer)'s experts, per expert like the BCE term so the
-        # weight compares the two; T^2 keeps the gradient's scale independent of the temperature.
+        # KL(teacher || predictor) over each (position, layer)'s experts, on logits standardised over the
+        # experts: the BCE sets the predictor's logit scale (its calibration), which need not be the router's,
+        # so only the shape of the profile is matched. Per expert like the BCE term so the weight compares
+        # the two; T^2 keeps the gradient's scale independent of the temperature.
         t = config.distill_temperature
-        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(soft / t, -1), log_target=True,
-                      reduction="none").sum(-1) * (t * t / num_experts)         # (B, S, L)
+        kl = F.kl_div(F.log_softmax(_standardised(logits) / t, -1), F.log_softmax(_standardised(soft) / t, -1),
+                      log_target=True, reduction="none").sum(-1) * (t * t / num_experts)   # (B, S, L)
         loss = bce + config.distill_weight * (kl * valid).sum() / count
     k = model.config.top_k
     top = logits.topk(k, dim=-1).indices                                        # (B, S, L, K)
