@@ -92,3 +92,18 @@ def test_start_checks_its_prompts() -> None:
         predictor.start([[1, 2], []])
     with pytest.raises(ValueError, match="token ids"):
         predictor.start([[1, predictor.config.vocab_size]])
+
+
+def test_step_builds_every_tensor_on_the_models_device() -> None:
+    """On the meta device any tensor made on the CPU by mistake fails the op it meets (as it would on CUDA).
+    (prefill reads prompt lengths, which meta tensors do not hold; it places its tensors by the model.)"""
+    from expertflow.predictor.incremental import empty_state, step
+
+    model = RoutingPathModel(PredictorConfig(vocab_size=32, num_layers=2, num_experts=4, top_k=1, d_model=8,
+                                             d_ff=16, num_heads=2, window=4, dropout=0.0)).to("meta").eval()
+    state = empty_state(model, 2)
+    assert state.valid.device.type == "meta"
+    logits, state = step(model, state, torch.tensor([5, 6]), torch.tensor([True, False]))  # inputs from the host
+    assert logits.shape == (2, 2, 4) and logits.device.type == "meta"
+    logits, _ = step(model, state, torch.tensor([7, 8]))
+    assert logits.device.type == "meta"

@@ -48,9 +48,10 @@ class StepState(LayerKV):
 def empty_state(model: RoutingPathModel, batch: int) -> StepState:
     cfg = model.config
     W, H, Dh = cfg.window - 1, cfg.num_heads, cfg.d_model // cfg.num_heads
-    zeros = lambda: (torch.zeros(batch, H, W, Dh), torch.zeros(batch, H, W, Dh))  # noqa: E731
+    device = model.embed.weight.device
+    zeros = lambda: (torch.zeros(batch, H, W, Dh, device=device), torch.zeros(batch, H, W, Dh, device=device))  # noqa: E731
     return StepState([zeros() for _ in model.encoder], [zeros() for _ in model.decoder],
-                     [zeros() for _ in model.decoder], torch.zeros(batch, W, dtype=torch.bool))
+                     [zeros() for _ in model.decoder], torch.zeros(batch, W, dtype=torch.bool, device=device))
 
 
 @torch.inference_mode()
@@ -59,10 +60,11 @@ def step(model: RoutingPathModel, state: StepState, tokens: torch.Tensor,
     """tokens (B,) -> logits (B, L, E) for them, and the state advanced by one position. Rows with
     active=False (B,) bool are fed but leave no trace in the cache (used to left-align ragged prompts)."""
     cfg = model.config
-    B = tokens.shape[0]
-    active = torch.ones(B, dtype=torch.bool) if active is None else active
-    keep = torch.cat([state.valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)      # (B, W+1)
-    distance = torch.arange(cfg.window - 1, -1, -1)[None]                           # (1, W+1) oldest slot first
+    B, device = tokens.shape[0], state.valid.device   # masks are built where the model and its state live
+    tokens = tokens.to(device)
+    active = torch.ones(B, dtype=torch.bool, device=device) if active is None else active.to(device)
+    keep = torch.cat([state.valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)   # (B, W+1)
+    distance = torch.arange(cfg.window - 1, -1, -1, device=device)[None]            # (1, W+1) oldest slot first
     hidden, kv = model.decode(tokens[:, None], model.attention_biases(distance, keep[:, None]), past=state)
     logits = model.logits(hidden)[:, 0]                                             # (B, L, E)
     advanced = StepState(*(_shift(kvs, active) for kvs in (kv.encoder, kv.decoder_self, kv.decoder_cross)),

@@ -67,12 +67,12 @@ class RoutingPredictor:
         last token), the state and probabilities stepping each prompt token by token would give."""
         self._check_sequences(token_ids, "start")
         logits, state = prefill(self.model, token_ids)
-        return state, torch.sigmoid(logits)
+        return state, torch.sigmoid(logits).cpu()  # planners read them on the host
 
     def step(self, state: StepState, tokens: list[int]) -> tuple[StepState, torch.Tensor]:
         """One decoding step: the new token of each sequence -> (state, probabilities (B, L, E))."""
         logits, state = step(self.model, state, self._checked(torch.as_tensor(tokens, dtype=torch.long)))
-        return state, torch.sigmoid(logits)
+        return state, torch.sigmoid(logits).cpu()
 
     def start_rows(self, token_ids: list[list[int]]) -> tuple[list[StepState], torch.Tensor]:
         """`start`, with one state per sequence, for callers that regroup sequences between steps."""
