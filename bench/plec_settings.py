@@ -1,7 +1,7 @@
 """PLEC's knobs (PLECConfig: threshold, beta, decay, lead) swept on tuning traces with the shipped RPP.
 
-Each setting replays the same decode batches through `expertflow.simulator.simulate` with a PLECPolicy
-built with it; Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
+Each setting replays the same decode batches through `expertflow.simulator.sweep` with PLEC built with
+it (`SimConfig.policy_settings`); Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
 400-499), then check the chosen setting on the eval traces. Prints a table, ends with one JSON line.
 
     python bench/plec_settings.py --traces results/traces/xsum_tune.safetensors results/traces/wmt16_tune.safetensors \
@@ -11,6 +11,7 @@ built with it; Belady's MIN is the floor. Tune on splits the eval figures never 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -20,8 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared
 from expertflow.cli.calibrate import predictions_for  # noqa: E402
 from expertflow.cli.report import print_json_line, print_table  # noqa: E402
 from expertflow.embedded import EMBEDDED_PREDICTOR_DIR  # noqa: E402
-from expertflow.policies.plec import PLECConfig, PLECPolicy  # noqa: E402
-from expertflow.simulator import SimConfig, batch_forwards, simulate  # noqa: E402
+from expertflow.policies.plec import PLECConfig  # noqa: E402
+from expertflow.simulator import sweep  # noqa: E402
 from expertflow.traces import read_traces  # noqa: E402
 
 
@@ -33,26 +34,22 @@ def _cache(text: str, total: int) -> int:
     return max(1, round(float(text[:-1]) / 100 * total)) if text.endswith("%") else int(text)
 
 
-def sweep(path: Path, predictor: str, settings: list[PLECConfig], caches: list[str], batches: list[int],
+def study(path: Path, predictor: str, settings: list[PLECConfig], caches: list[str], batches: list[int],
           ratio: float) -> list[dict]:
+    """One row per (setting, batch, cache): PLEC's hit ratio and loads, against Belady's."""
     traces = read_traces(path)
     h = traces.header
-    layers = list(range(h.num_layers))
+    sizes = {_cache(text, h.num_layers * h.num_experts): text for text in caches}
     predictions = predictions_for(traces, predictor)
     rows = []
-    for batch in batches:
-        forwards = batch_forwards(traces, batch, predictions)
-        for text in caches:
-            cache = _cache(text, h.num_layers * h.num_experts)
-            floor = simulate(forwards, layers, h.num_experts, h.top_k, SimConfig("belady", cache, batch, ratio))
-            for setting in settings:
-                policy = PLECPolicy(cache, layers, h.num_experts, h.top_k, config=setting)
-                run = simulate(forwards, layers, h.num_experts, h.top_k, SimConfig("expertflow", cache, batch, ratio),
-                               policy).counters
-                rows.append({"traces": path.stem, "cache": text, "cache_experts": cache, "batch_size": batch,
-                             "threshold": setting.threshold, "beta": setting.beta, "decay": setting.decay,
-                             "lead": setting.lead, "hit_ratio": run.hit_ratio, "loads": run.loads,
-                             "wasted": run.wasted_prefetches, "loads_vs_belady": run.loads / max(floor.counters.loads, 1)})
+    for setting in settings:
+        knobs = {"expertflow": dataclasses.asdict(setting)}
+        for r in sweep(traces, ["expertflow"], list(sizes), batches, ratio, predictions, settings=knobs):
+            c = r.counters
+            rows.append({"traces": path.stem, "cache": sizes[r.config.cache_experts],
+                         "cache_experts": r.config.cache_experts, "batch_size": r.config.batch_size,
+                         **knobs["expertflow"], "hit_ratio": c.hit_ratio, "loads": c.loads,
+                         "wasted": c.wasted_prefetches, "loads_vs_belady": r.loads_vs_belady})
     return rows
 
 
@@ -73,7 +70,7 @@ def main() -> None:
     caches = [c.strip() for c in args.cache_experts.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     rows = [row for path in args.traces
-            for row in sweep(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
+            for row in study(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
     print_table(f"PLEC settings, transfer ratio {args.transfer_ratio}, predictor {args.predictor}",
                 ("traces", "cache", "batch", "threshold", "beta", "decay", "lead", "hit ratio", "loads", "wasted",
                  "loads/belady"),
