@@ -36,11 +36,10 @@ class _Gate:
         self.order.append(key)
 
 
-def test_demand_transfers_jump_the_prefetch_queue():
-    # A queued demand (an initial resident) goes before queued prefetches; a layer's demand load (tracked,
-    # never queued) goes before both, copied by `finish` on the layer's thread while the reader is busy.
-    gate = _Gate()  # holds the only reader on the first transfer
-    copies = []
+def _held_reader():
+    """A one-reader worker whose reader is held (until gate.open) on a first prefetch of (0, 0) -> (worker, gate,
+    copies: (key, copying thread) in copy order, that first transfer)."""
+    gate, copies = _Gate(), []
 
     def copy(key, slot):
         if key == (0, 0):
@@ -50,6 +49,13 @@ def test_demand_transfers_jump_the_prefetch_queue():
     worker = TransferWorker(copy, lambda slot, generation: True)
     first = worker.submit((0, 0), 0, 1, PREFETCH)
     gate.started.wait(timeout=5)
+    return worker, gate, copies, first
+
+
+def test_demand_transfers_jump_the_prefetch_queue():
+    # A queued demand (an initial resident) goes before queued prefetches; a layer's demand load (tracked,
+    # never queued) goes before both, copied by `finish` on the layer's thread while the reader is busy.
+    worker, gate, copies, first = _held_reader()
     prefetches = [worker.submit((0, e), e, 1, PREFETCH) for e in (1, 2)]
     demand = worker.submit((1, 7), 3, 1, DEMAND)
     worker.finish(worker.track((2, 5), 4, 1))  # returns while the reader is still blocked
@@ -263,17 +269,7 @@ def test_greedy_tokens_exact_with_parallel_disk_reads(embedded_model_dir, embedd
 
 
 def test_finish_copies_a_queued_transfer_on_the_callers_thread_once():
-    threads = []
-    gate = _Gate()  # holds the only reader on a first transfer
-
-    def copy(key, slot):
-        if key == (0, 0):
-            gate(key, slot)
-        threads.append((key, threading.current_thread().name))
-
-    worker = TransferWorker(copy, lambda slot, generation: True)
-    busy = worker.submit((0, 0), 0, 1, PREFETCH)
-    gate.started.wait(timeout=5)
+    worker, gate, threads, busy = _held_reader()
     queued = worker.submit((0, 1), 1, 1, PREFETCH)
     worker.finish(queued)  # no reader is free: the caller copies it instead of waiting
     gate.open.set()

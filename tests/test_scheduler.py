@@ -68,13 +68,22 @@ def path_from_sets(sets: list[set[int]], experts: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- groupings are always valid partitions
 
-@settings(max_examples=60, deadline=None)
-@given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
-       experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
-def test_heuristics_return_balanced_partitions(batch_size, unit, layers, experts, seed, name):
+# Small random units for the property tests: every heuristic, any shape a few sequences can take.
+SMALL_UNITS = dict(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
+                   experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
+                   name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
+
+
+def random_paths(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, L, E) bool paths of a random density."""
     rng = np.random.default_rng(seed)
-    paths = rng.random((batch_size * unit, layers, experts)) < rng.uniform(0.1, 0.9)
+    return rng.random(shape) < rng.uniform(0.1, 0.9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(**SMALL_UNITS)
+def test_heuristics_return_balanced_partitions(batch_size, unit, layers, experts, seed, name):
+    paths = random_paths(seed, (batch_size * unit, layers, experts))
     grouping = SCHEDULERS[name]().group(paths, batch_size, unit)
     assert grouping.unit == unit
     assert [len(b) for b in grouping.batches] == [batch_size] * unit
@@ -238,12 +247,9 @@ def random_probabilities(rng: np.random.Generator, shape: tuple[int, ...]) -> np
 
 
 @settings(max_examples=80, deadline=None)
-@given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
-       experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
+@given(**SMALL_UNITS)
 def test_zero_one_probabilities_group_like_bool_paths(batch_size, unit, layers, experts, seed, name):
-    rng = np.random.default_rng(seed)
-    paths = rng.random((batch_size * unit, layers, experts)) < rng.uniform(0.1, 0.9)
+    paths = random_paths(seed, (batch_size * unit, layers, experts))
     scheduler = SCHEDULERS[name]()
     expected = scheduler.group(paths, batch_size, unit)
     for dtype in (np.float32, np.float64):
@@ -252,9 +258,7 @@ def test_zero_one_probabilities_group_like_bool_paths(batch_size, unit, layers, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch_size=st.integers(1, 6), unit=st.integers(1, 4), layers=st.integers(1, 3),
-       experts=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
-       name=st.sampled_from(["fifo", "similarity", "swap", "exhaustive"]))
+@given(**SMALL_UNITS)
 def test_probabilities_give_balanced_partitions(batch_size, unit, layers, experts, seed, name):
     probs = random_probabilities(np.random.default_rng(seed), (batch_size * unit, layers, experts))
     grouping = SCHEDULERS[name]().group(probs.astype(np.float32), batch_size, unit, probabilities=True)
