@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from expertflow.policies import CachePolicy, Forecast, Key, build_policy
+from expertflow.policies import Forecast, Key, build_policy
 from expertflow.policies.forecast import LookaheadForecast, batch_forecast, restrict
 from expertflow.policies.planner import CachePlanner
 from expertflow.residency import CacheCounters, Residency
@@ -123,15 +123,10 @@ def accesses(forwards: Sequence[Forward], layers: Sequence[int]) -> list[Key]:
 
 
 def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: int, top_k: int,
-             config: SimConfig, policy: CachePolicy | None = None) -> SimResult:
-    """Replay `forwards` through config.policy built with its defaults, or through `policy` (a study's own
-    settings, e.g. PLECPolicy(..., config=PLECConfig(threshold=0.3)); its capacity must be the config's)."""
-    if policy is None:
-        policy = build_policy(config.policy, config.cache_experts, layers, num_experts, top_k,
-                              dict(config.policy_settings))
-    elif (policy.name, policy.capacity) != (config.policy, config.cache_experts):
-        raise ValueError(f"the policy given is {policy.name} with {policy.capacity} slots but the config says "
-                         f"{config.policy} with {config.cache_experts}")
+             config: SimConfig) -> SimResult:
+    """Replay `forwards` through config.policy, built with config.policy_settings (its defaults if none)."""
+    policy = build_policy(config.policy, config.cache_experts, layers, num_experts, top_k,
+                          dict(config.policy_settings))
     if policy.needs_future:
         policy.set_future(accesses(forwards, layers))
     residency = Residency(config.cache_experts, policy)

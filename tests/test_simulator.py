@@ -9,10 +9,9 @@ import pytest
 
 import expertflow
 from expertflow.cli import main
+from expertflow.errors import ExpertflowError
 from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
-from expertflow.policies import policy_class
 from expertflow.policies.forecast import one_hot_routing
-from expertflow.policies.plec import PLECConfig, PLECPolicy
 from expertflow.simulator import SimConfig, batch_forwards, simulate
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet, read_traces
 from tests.test_policy_exactness import HashPredictor
@@ -116,15 +115,14 @@ def test_simulate_plans_from_the_shipped_predictor_on_traces_of_the_embedded_mod
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"] == shipped
 
 
-def test_a_prebuilt_policy_replays_like_the_named_one_and_its_settings_count(tmp_path):
+def test_policy_settings_replay_like_the_defaults_when_equal_and_count_when_not(tmp_path):
     traces = read_traces(_synthetic_traces(tmp_path / "t.safetensors"))
     forwards = batch_forwards(traces, 1, [one_hot_routing(s.routing, 32) * 0.4 for s in traces.sequences])
-    layers, config = list(range(8)), SimConfig("expertflow", 40, 1, transfer_ratio=4)
-    named = simulate(forwards, layers, 32, 2, config).counters
-    same = simulate(forwards, layers, 32, 2, config, PLECPolicy(40, layers, 32, 2, config=PLECConfig())).counters
-    eager = simulate(forwards, layers, 32, 2, config,
-                     PLECPolicy(40, layers, 32, 2, config=PLECConfig(threshold=0.3))).counters
-    assert same == named
-    assert named.prefetch_loads == 0 < eager.prefetch_loads  # forecasts of 0.4: only a lower threshold prefetches
-    with pytest.raises(ValueError, match="lru with 40 slots but the config says expertflow with 40"):
-        simulate(forwards, layers, 32, 2, config, policy_class("lru")(40, layers, 32, 2))
+    layers = list(range(8))
+    run = lambda knobs: simulate(forwards, layers, 32, 2,  # noqa: E731
+                                 SimConfig("expertflow", 40, 1, transfer_ratio=4, policy_settings=knobs)).counters
+    named = run(())
+    assert run((("threshold", 0.5),)) == named
+    assert named.prefetch_loads == 0 < run((("threshold", 0.3),)).prefetch_loads  # forecasts of 0.4
+    with pytest.raises(ExpertflowError, match="policy 'lru' has no settings"):
+        simulate(forwards, layers, 32, 2, SimConfig("lru", 40, 1, policy_settings=(("threshold", 0.3),)))
