@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the traced MoE model: add a KL term to its router softmax (soft targets; the whole "
                         "model is loaded in memory once to compute them)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("d-model", int), ("d-ff", int), ("num-heads", int), ("encoder-layers", int),
+    for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("d-model", int), ("d-ff", int),
+                       ("num-heads", int), ("encoder-layers", int),
                        ("decoder-layers", int), ("window", int), ("head-hidden", int), ("dropout", float), ("epochs", int),
                        ("batch-size", int), ("lr", float), ("weight-decay", float), ("val-fraction", float),
                        ("patience", int), ("seed", int), ("max-length", int)):

@@ -170,11 +170,10 @@ def train_predictor(traces: Sequence[TraceSet], model_config: PredictorConfig, c
     train_seqs, val_seqs = split_by_prompt(traces, config.val_fraction, config.seed)
     distilling = teacher is not None and config.distill_weight > 0
 
-    def soft_targets(seqs: Sequence[TraceSequence]) -> list[np.ndarray] | None:
-        return teacher.logits_of([q.token_ids for q in seqs], progress) if distilling else None
-
-    train_pieces = _pieces(train_seqs, config.max_length, soft_targets(train_seqs))
-    val_batches = _batches(_pieces(val_seqs, config.max_length, soft_targets(val_seqs)), config.batch_size, None)
+    soft = teacher.logits_of([q.token_ids for q in train_seqs], progress) if distilling else None
+    train_pieces = _pieces(train_seqs, config.max_length, soft)
+    # Validation scores the BCE alone (see _validate), so the teacher never runs over it.
+    val_batches = _batches(_pieces(val_seqs, config.max_length), config.batch_size, None)
     model = RoutingPathModel(model_config)
     if start is not None:
         model.load_state_dict(start.state_dict())
