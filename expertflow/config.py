@@ -45,7 +45,7 @@ class EngineConfig:
     predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it); the
                                            # embedded model's own when it runs a forecasting policy
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
-    drop_page_cache: bool = False          # disk store: drop each read from the OS page cache (really read the disk)
+    drop_page_cache: bool = False          # disk store: bypass the OS page cache (really read the disk)
     io_threads: int = 1                    # expert transfers run at once (a device serving parallel reads gains)
     policy_settings: dict[str, float] = field(default_factory=dict)  # the policy's knobs, e.g. PLEC's
                                            # {"threshold": 0.2}; empty: its defaults

@@ -18,6 +18,7 @@ from expertflow.errors import ExpertflowError
 from expertflow.policies.plec import PLECPolicy
 from expertflow.prefetch import DEMAND, PREFETCH, TransferWorker
 from expertflow.residency import Residency
+from expertflow.store import ExpertStore
 from tests.reference import reference_generate
 from tests.test_policy_exactness import HashPredictor
 
@@ -112,8 +113,12 @@ def test_a_dead_worker_fails_waiters_instead_of_hanging(readers):
         worker.submit((0, 3), 2, 1, DEMAND)
 
 
-class _FailingStore:
+class _FailingStore(ExpertStore):
+    name, read_method = "failing", "raises"
     numel, dtype, expert_bytes, refs = 4, torch.float32, 16, {}
+
+    def __init__(self) -> None:
+        pass
 
     def read_into(self, key, out):
         raise RuntimeError(f"cannot read expert {key}")
@@ -298,7 +303,8 @@ def test_finish_waits_for_a_running_copy_and_for_a_busy_slot():
     worker.close()
 
 
-class _ThreadStore:
+class _ThreadStore(ExpertStore):
+    name, read_method = "thread", "records the reading thread"
     numel, dtype, expert_bytes, refs = 4, torch.float32, 16, {}
 
     def __init__(self) -> None:

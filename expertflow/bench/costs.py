@@ -2,8 +2,8 @@
 
 The bench reports this ratio next to its figures, because offloading only pays (and only needs
 prediction) when a transfer costs far more than the compute it feeds. Reads go through `DiskStore`
-with the page cache dropped after every read, so they measure the device, not RAM. Compute cycles
-through many distinct experts held in RAM so their weights are not sitting in the CPU's caches.
+bypassing the page cache (O_DIRECT where the file system allows), so they measure the device, not RAM.
+Compute cycles through many distinct experts held in RAM so their weights are not sitting in the CPU's caches.
 
 Shape legend: H hidden size.
 """
@@ -28,7 +28,7 @@ from expertflow.store import DiskStore
 class ExpertCosts:
     expert_bytes: int
     intermediate_size: int
-    load_ms: float          # median read of one expert from disk, page cache dropped
+    load_ms: float          # median read of one expert from disk, page cache bypassed
     compute_ms: float       # median SwiGLU forward of one expert for one token
     page_cache: str         # how the reads bypassed the page cache
 
@@ -48,6 +48,7 @@ def measure_expert_costs(model_dir: Path, samples: int = 32) -> ExpertCosts:
     available = set(checkpoint.keys())
     layers = sorted({int(k.split(".")[2]) for k in available if adapter.is_expert_tensor(k)})
     store = DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
+    reads = store.read_method
     keys = store.keys[:: max(1, len(store.keys) // samples)][:samples]
     try:
         buffers = [torch.empty(store.numel) for _ in keys]
@@ -61,8 +62,7 @@ def measure_expert_costs(model_dir: Path, samples: int = 32) -> ExpertCosts:
         store.close()
     return ExpertCosts(expert_bytes=store.expert_bytes, intermediate_size=adapter.intermediate_size,
                        load_ms=statistics.median(load), compute_ms=statistics.median(compute),
-                       page_cache="posix_fadvise(DONTNEED) after each pread" if store.drop_page_cache
-                       else "not bypassed (no posix_fadvise on this OS)")
+                       page_cache=reads)
 
 
 def _timed(fn) -> float:

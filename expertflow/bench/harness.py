@@ -95,7 +95,7 @@ def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
         results.append({**{k: v for k, v in row.items() if k != "sequences"}, "mismatched_sequences": mismatched,
                         "same_tokens": mismatched == 0})
     return {"same_tokens": all(r["same_tokens"] for r in results), "results": results,
-            "setup": _setup(config, shape, prompts)}
+            "setup": _setup(config, shape, prompts, rows)}
 
 
 def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
@@ -121,7 +121,9 @@ def _reference(rows: list[dict]) -> list[list[int]]:
     return rows[0]["sequences"]
 
 
-def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]]) -> dict:
+def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], rows: list[dict]) -> dict:
+    # What the engine's stores reported (O_DIRECT or not depends on the file system); else what was asked for.
+    reads = sorted({row["notes"]["slow_tier_reads"] for row in rows if "slow_tier_reads" in row["notes"]})
     return {
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
@@ -129,8 +131,8 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]]) -> 
         "prefetch_threshold": config.prefetch_threshold,  # the expertflow system's PLEC threshold (None: 0.5)  # transfers at once where a policy prefetches; lru/lfu load on demand
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
-        "disk_reads": ("pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"
-                       if config.store == "disk" and config.drop_page_cache else
+        "disk_reads": "; ".join(reads) if reads else
+                      ("page cache bypassed" if config.store == "disk" and config.drop_page_cache else
                        "through the OS page cache" if config.store == "disk" else "host RAM store (no disk)"),
         "accelerate": "infer_auto_device_map(max_memory={'cpu': resident + cache experts x expert bytes}), rest to "
                       "disk offload_folder, read through the page cache; CPU-only so 'cpu' is the fast tier",

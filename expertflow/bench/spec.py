@@ -50,7 +50,7 @@ class BenchConfig:
     batch_sizes: list[int]
     out: Path
     store: str = "disk"
-    drop_page_cache: bool = True       # disk reads bypass the OS page cache (posix_fadvise DONTNEED)
+    drop_page_cache: bool = True       # disk reads bypass the OS page cache (O_DIRECT, else DONTNEED)
     predictor: Path | None = None      # the RPP the `expertflow` system plans and schedules from
     scheduler: str = "exhaustive"      # the token scheduler of the `expertflow` system
     schedule_unit: int = 2

@@ -73,7 +73,8 @@ def run_engine(spec: RunSpec) -> Measured:
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
-                           "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3), **notes})
+                           "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
+                           "slow_tier_reads": model.engine.parts.store.read_method, **notes})
 
 
 def _generate_in_order(model, spec: RunSpec):

@@ -23,8 +23,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="cache policy (default: none without a budget, lru with one)")
     parser.add_argument("--store", choices=("host", "disk"), default="host", help="slow tier for experts")
     parser.add_argument("--disk-direct", action="store_true",
-                        help="with --store disk, drop every expert read from the OS page cache so fetches "
-                             "really read the disk (posix_fadvise DONTNEED)")
+                        help="with --store disk, bypass the OS page cache so fetches really read the disk "
+                             "(O_DIRECT where the file system allows, else posix_fadvise DONTNEED after each read)")
     parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--predictor", type=Path, default=None, metavar="DIR",
