@@ -17,7 +17,6 @@ import os
 import threading
 from pathlib import Path
 
-
 from expertflow.errors import ExpertflowError
 
 ALIGN = 4096
