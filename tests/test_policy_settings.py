@@ -8,11 +8,12 @@ import json
 import pytest
 
 import expertflow
+from expertflow.bench.harness import ModelShape, plan_runs
 from expertflow.bench.spec import BenchConfig, CacheSize
 from expertflow.cli import main
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
-from expertflow.policies import build_policy, policy_settings
+from expertflow.policies import build_policy, cli_settings, policy_settings
 from expertflow.policies.plec import PLECConfig
 from tests.reference import reference_generate
 from tests.test_simulator import _synthetic_traces
@@ -88,8 +89,39 @@ def test_simulate_cli_takes_a_prefetch_threshold(tmp_path, capsys) -> None:
 def test_bench_config_checks_the_threshold(tmp_path) -> None:
     common = dict(model=tmp_path, cache_sizes=[CacheSize.parse("10%")], batch_sizes=[1], out=tmp_path / "out",
                   predictor=tmp_path)
-    with pytest.raises(ExpertflowError, match="applies to system expertflow"):
-        BenchConfig(systems=["lru"], prefetch_threshold=0.2, **common)
+    with pytest.raises(ExpertflowError, match="apply to system expertflow"):
+        BenchConfig(systems=["lru"], policy_settings={"threshold": 0.2}, **common)
     with pytest.raises(ExpertflowError, match=r"must be in \(0, 1\]"):
-        BenchConfig(systems=["expertflow"], prefetch_threshold=2.0, **common)
-    assert BenchConfig(systems=["expertflow"], prefetch_threshold=0.2, **common).prefetch_threshold == 0.2
+        BenchConfig(systems=["expertflow"], policy_settings={"threshold": 2.0}, **common)
+    with pytest.raises(ExpertflowError, match="lead counts layers ahead"):
+        BenchConfig(systems=["expertflow"], policy_settings={"lead": 1.5}, **common)
+    config = BenchConfig(systems=["lru", "expertflow"], policy_settings={"threshold": 0.2, "lead": 3}, **common)
+    runs = plan_runs(config, ModelShape(8, 32, 2), [[1, 2, 3]], str(tmp_path))
+    assert {r.system: r.policy_settings for r in runs} == {"lru": {}, "expertflow": {"threshold": 0.2, "lead": 3}}
+
+
+def test_cli_settings_parse_pairs_and_the_threshold() -> None:
+    assert cli_settings(0.2, ["lead=3", " beta = 0.8"]) == {"lead": 3, "beta": 0.8, "threshold": 0.2}
+    assert cli_settings(None, []) == {}
+    assert isinstance(cli_settings(None, ["lead=3"])["lead"], int)
+    for pair, message in (("lead", "wants KEY=VALUE"), ("=3", "wants KEY=VALUE"), ("lead=soon", "must be a number")):
+        with pytest.raises(ExpertflowError, match=message):
+            cli_settings(None, [pair])
+    with pytest.raises(ExpertflowError, match="disagree"):
+        cli_settings(0.2, ["threshold=0.3"])
+
+
+def test_generate_and_simulate_clis_take_policy_settings(tmp_path, capsys) -> None:
+    args = ["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--cache-experts", "26",
+            "--json", "--policy", "expertflow"]
+    assert main([*args, "--policy-setting", "lead=3", "--policy-setting", "beta=0.8"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]) == 4
+    assert main([*args, "--policy-setting", "speed=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no setting 'speed'" in err
+    traces = _synthetic_traces(tmp_path / "t.safetensors", model="tiny-mixtral-32e")
+    sim = ["simulate", "--traces", str(traces), "--cache-experts", "64", "--transfer-ratio", "4", "--json"]
+    assert main([*sim, "--policies", "expertflow", "--policy-setting", "lead=3"]) == 0
+    capsys.readouterr()
+    assert main([*sim, "--policies", "lru", "--policy-setting", "lead=3"]) == 2
+    assert "add it to --policies" in capsys.readouterr().err

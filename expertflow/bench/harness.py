@@ -55,7 +55,7 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
                     predictor=str(config.predictor) if config.predictor else None,
                     scheduler=config.scheduler if name == "expertflow" else "fifo",
                     schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
-                    prefetch_threshold=config.prefetch_threshold if name == "expertflow" else None,
+                    policy_settings=config.policy_settings if name == "expertflow" else {},
                     offload_dir=offload_dir))
     return runs
 
@@ -128,7 +128,8 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
         "io_threads": config.io_threads,
-        "prefetch_threshold": config.prefetch_threshold,  # the expertflow system's PLEC threshold (None: 0.5)  # transfers at once where a policy prefetches; lru/lfu load on demand
+        "prefetch_threshold": config.policy_settings.get("threshold"),  # the expertflow system's (None: 0.5)
+        "policy_settings": config.policy_settings,  # the expertflow system's PLECConfig knobs ({}: defaults)
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
         "disk_reads": "; ".join(reads) if reads else

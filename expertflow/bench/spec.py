@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from expertflow.errors import ExpertflowError
-from expertflow.policies import policy_settings, prefetch_settings
+from expertflow.policies import policy_settings
 
 ENGINE_SCHEDULERS = ("similarity", "swap", "exhaustive")
 STORE_NAMES = ("host", "disk")
@@ -57,7 +57,7 @@ class BenchConfig:
     max_new_tokens: int = 32
     threads: int = 1
     io_threads: int = 1                # expert transfers at once for engine systems whose policy prefetches
-    prefetch_threshold: float | None = None  # the `expertflow` system's PLEC threshold (None: its default)
+    policy_settings: dict = field(default_factory=dict)  # the `expertflow` system's PLECConfig knobs ({}: defaults)
     dataset: str = "custom"
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
@@ -80,10 +80,11 @@ class BenchConfig:
             raise ExpertflowError(f"unknown scheduler {self.scheduler!r}; choose {' or '.join(ENGINE_SCHEDULERS)}")
         if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit) < 1:
             raise ExpertflowError("--max-new-tokens, --threads, --io-threads and --schedule-unit must be at least 1")
-        if self.prefetch_threshold is not None:
+        if self.policy_settings:
             if "expertflow" not in self.systems:
-                raise ExpertflowError("--prefetch-threshold applies to system expertflow; add it to --systems")
-            policy_settings("expertflow", prefetch_settings(self.prefetch_threshold))
+                raise ExpertflowError("--prefetch-threshold and --policy-setting apply to system expertflow; "
+                                      "add it to --systems")
+            policy_settings("expertflow", self.policy_settings)
         if "expertflow" in self.systems and self.predictor is None:
             raise ExpertflowError("system expertflow plans from a routing predictor; pass --predictor DIR "
                                   "(train one with expertflow train-predictor)")
@@ -108,7 +109,7 @@ class RunSpec:
     schedule_unit: int = 2
     threads: int = 1
     io_threads: int = 1
-    prefetch_threshold: float | None = None
+    policy_settings: dict = field(default_factory=dict)
     offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
 
     def to_json(self) -> dict:

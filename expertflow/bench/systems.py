@@ -46,13 +46,12 @@ def run_engine(spec: RunSpec) -> Measured:
     regroups with the token scheduler between steps)."""
     from expertflow.api import ExpertflowModel
     from expertflow.config import EngineConfig
-    from expertflow.policies import prefetch_settings
 
     policy = SYSTEMS[spec.system].policy
     model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=spec.cache_experts, policy=policy,
                                          store=spec.store, drop_page_cache=spec.drop_page_cache,
                                          predictor=spec.predictor, io_threads=spec.io_threads,
-                                         policy_settings=prefetch_settings(spec.prefetch_threshold)))
+                                         policy_settings=spec.policy_settings))
     decoder_only = model.engine.parts.adapter.kind == "decoder"
     try:
         if decoder_only:

@@ -23,6 +23,7 @@ from expertflow.cli.report import print_json_line, print_table
 from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.errors import ExpertflowError
+from expertflow.policies import cli_settings
 from expertflow.widen import widen_checkpoint
 
 DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "2 x 9, swap above)")
     p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
                    help="the expertflow system's forecast probability worth a prefetch (default 0.5)")
+    p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a knob of the expertflow system's cache policy, repeatable: lead=3 (PLECConfig: "
+                        "threshold, beta, decay, lead)")
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor,
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        io_threads=args.io_threads, prefetch_threshold=args.prefetch_threshold, dataset=args.dataset,
+        io_threads=args.io_threads, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),
+        dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
                     checkpoint=lambda partial: write_results(partial, config.out))

@@ -9,7 +9,7 @@ import torch
 
 from expertflow.config import EngineConfig, parse_size
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES, prefetch_settings
+from expertflow.policies import POLICIES, cli_settings
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
                         help="policy expertflow: the forecast probability worth a prefetch (default 0.5; lower "
                              "prefetches more: more hits, more loads)")
+    parser.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, beta, decay, lead)")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N",
                         help="expert transfers run at once by policies that prefetch (ring, pregated, "
                              "expertflow); lru and lfu load on demand, one at a time (default 1)")
@@ -49,7 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
         predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
-        io_threads=args.io_threads, policy_settings=prefetch_settings(args.prefetch_threshold),
+        io_threads=args.io_threads, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),
     )
 
 

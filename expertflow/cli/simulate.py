@@ -9,7 +9,7 @@ from pathlib import Path
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES, policy_settings, prefetch_settings
+from expertflow.policies import POLICIES, cli_settings, policy_settings
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
 
@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="expert loads that fit in one layer's compute (default: measured on this machine)")
     p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
                    help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
+    p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, beta, decay, lead)")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
                    "default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     h = traces.header
     caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
     batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
-    settings = _settings(args.prefetch_threshold, policies)
+    settings = _settings(cli_settings(args.prefetch_threshold, args.policy_setting), policies)
     if "expertflow" in policies and args.predictor is None:
         args.predictor = _embedded_predictor(traces, args.model)
     import torch  # the simulator is pure Python; only the predictor and the measurement need torch
@@ -70,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(threshold: float | None, policies: list[str]) -> dict[str, dict[str, float]]:
-    """--prefetch-threshold as PLEC's settings, checked now (one line, before any replay)."""
-    if threshold is None:
+def _settings(settings: dict[str, float], policies: list[str]) -> dict[str, dict[str, float]]:
+    """--prefetch-threshold / --policy-setting as PLEC's settings, checked now (one line, before any replay)."""
+    if not settings:
         return {}
     if "expertflow" not in policies:
-        raise ExpertflowError("--prefetch-threshold applies to policy expertflow; add it to --policies")
-    settings = prefetch_settings(threshold)
+        raise ExpertflowError("--prefetch-threshold and --policy-setting apply to policy expertflow; "
+                              "add it to --policies")
     policy_settings("expertflow", settings)
     return {"expertflow": settings}
 

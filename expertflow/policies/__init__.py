@@ -41,9 +41,29 @@ def policy_settings(name: str, settings: Mapping[str, object]) -> object | None:
         raise ExpertflowError(str(exc)) from None
 
 
-def prefetch_settings(threshold: float | None) -> dict[str, float]:
-    """The CLI's --prefetch-threshold as policy settings (PLECConfig's `threshold`)."""
-    return {} if threshold is None else {"threshold": threshold}
+def cli_settings(threshold: float | None = None, pairs: Sequence[str] = ()) -> dict[str, float]:
+    """The CLI's --prefetch-threshold P (PLECConfig's `threshold`) and --policy-setting KEY=VALUE pairs as
+    one settings dict, numbers parsed (integers stay integers); a one-line error for a malformed pair."""
+    settings: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
+            raise ExpertflowError(f"--policy-setting wants KEY=VALUE, e.g. lead=3; got {pair!r}")
+        settings[key] = _number(key, text)
+    if threshold is not None:
+        if settings.get("threshold", threshold) != threshold:
+            raise ExpertflowError("--prefetch-threshold and --policy-setting threshold=... disagree; give one")
+        settings["threshold"] = threshold
+    return settings
+
+
+def _number(key: str, text: str) -> float:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ExpertflowError(f"--policy-setting {key}={text!r}: the value must be a number")
 
 
 def build_policy(name: str, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
@@ -61,4 +81,4 @@ def policy_class(name: str) -> type[CachePolicy]:
         raise ExpertflowError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["POLICIES", "CachePolicy", "Forecast", "Key", "build_policy", "policy_class", "policy_settings", "prefetch_settings"]
+__all__ = ["POLICIES", "CachePolicy", "Forecast", "Key", "build_policy", "policy_class", "policy_settings", "cli_settings"]
