@@ -1,7 +1,8 @@
 """Micro-benchmark: does the disk serve several expert reads at once faster than one after another?
 
-Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)` from 1, 2, 4, 8 threads at
-once, each thread reading its own distinct experts into its own buffer, the page cache of every
+Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)`, with O_DIRECT (what the engine
+uses where the file system allows) and with buffered reads dropped by posix_fadvise DONTNEED, from 1, 2, 4, 8
+threads at once, each thread reading its own distinct experts into its own buffer, the page cache of every
 checkpoint file dropped before each pass (so every read reaches the device). Reports the aggregate
 MB/s, the wall time per expert (what a transfer worker pays per load) and each read's own latency;
 repeats the sweep and keeps the median pass. Prints a table and a final JSON line.
@@ -36,12 +37,12 @@ from expertflow.store import DiskStore, Key  # noqa: E402
 DEFAULT_MODEL = Path("results/widened/tiny-mixtral-32e-i4096")
 
 
-def open_store(model_dir: Path) -> DiskStore:
+def open_store(model_dir: Path, direct_io: bool = True) -> DiskStore:
     config = EngineConfig(model=model_dir)
     adapter = adapter_for(read_config(config))
     checkpoint = Checkpoint(config.model)
     layers = sorted({int(k.split(".")[2]) for k in checkpoint.keys() if adapter.is_expert_tensor(k)})
-    return DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
+    return DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True, direct_io=direct_io)
 
 
 def drop_page_cache(store: DiskStore) -> None:
@@ -78,7 +79,7 @@ def read_concurrently(store: DiskStore, keys: list[Key], threads: int) -> dict:
     for w in workers:
         w.join()
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
-    return {"threads": threads, "experts": len(keys), "wall_s": wall,
+    return {"reads": store.read_method, "threads": threads, "experts": len(keys), "wall_s": wall,
             "mb_per_s": len(keys) * store.expert_bytes / wall / 1e6,
             "wall_ms_per_expert": 1e3 * wall / len(keys),
             "cpu_ms_per_expert": 1e3 * cpu / len(keys),  # this process's CPU (kernel copy included): is it CPU-bound?
@@ -108,18 +109,21 @@ def main() -> None:
     p.add_argument("--threads", default="1,2,4,8")
     p.add_argument("--experts", type=int, default=48, help="experts read per pass (split over the threads)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default="direct,buffered", help="direct (O_DIRECT) and/or buffered (+ DONTNEED)")
     args = p.parse_args()
-    store = open_store(args.model)
-    try:
-        rows = sweep(store, [int(t) for t in args.threads.split(",")], args.experts, args.repeats)
-    finally:
-        store.close()
+    rows = []
+    for method in args.methods.split(","):
+        store = open_store(args.model, direct_io=method == "direct")
+        try:
+            rows += sweep(store, [int(t) for t in args.threads.split(",")], args.experts, args.repeats)
+        finally:
+            store.close()
     base = rows[0]["mb_per_s"]
-    table = Table("threads", "MB/s", "speed-up", "wall ms / expert", "CPU ms / expert", "read ms (median)",
+    table = Table("reads", "threads", "MB/s", "vs first row", "wall ms / expert", "CPU ms / expert", "read ms (median)",
                   title=f"{args.experts} expert reads of {store.expert_bytes / 2**20:.1f} MiB, page cache dropped, "
                         f"median of {args.repeats} passes; load average {os.getloadavg()[0]:.1f}")
     for r in rows:
-        table.add_row(str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
+        table.add_row(r["reads"].split(" (")[0], str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
                       f"{r['wall_ms_per_expert']:.2f}", f"{r['cpu_ms_per_expert']:.2f}", f"{r['read_ms_median']:.2f}")
     Console().print(table)
     print(json.dumps({"model": str(args.model), "expert_bytes": store.expert_bytes, "experts_per_pass": args.experts,

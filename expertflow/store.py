@@ -100,12 +100,12 @@ class DiskStore(ExpertStore):
     destination when dtypes match. With `drop_page_cache` the reads bypass the OS page cache, so every
     fetch really reads the disk: O_DIRECT where the file system takes it (see `direct_io`; an expert's
     neighbouring tensors are fetched with one read), else a buffered read per tensor whose range is then
-    dropped (posix_fadvise DONTNEED)."""
+    dropped (posix_fadvise DONTNEED); `direct_io=False` asks for the latter (to compare the two)."""
 
     name = "disk"
 
     def __init__(self, checkpoint: Checkpoint, adapter: MoEAdapter, layers: list[int], dtype: torch.dtype,
-                 drop_page_cache: bool = False) -> None:
+                 drop_page_cache: bool = False, direct_io: bool = True) -> None:
         super().__init__(checkpoint, adapter, layers, dtype)
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self.extents: dict[Key, list[Extent]] = {k: [checkpoint.extent(r) for r in refs] for k, refs in self.refs.items()}
@@ -113,7 +113,7 @@ class DiskStore(ExpertStore):
         paths = {e.path for ex in self.extents.values() for e in ex}
         self._fds = {path: os.open(path, os.O_RDONLY) for path in paths}
         self._direct_fds: dict[Path, int] = {}
-        if drop_page_cache:
+        if drop_page_cache and direct_io:
             self._direct_fds = {path: fd for path in paths if (fd := open_direct(path)) is not None}
         self._open = [*self._fds.values(), *self._direct_fds.values()]
         self._bounce = BounceBuffers()

@@ -33,6 +33,7 @@ def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
     for row in saved["results"]:
         assert row["same_tokens"] and row["mismatched_sequences"] == 0
         assert row["tokens_per_s"] > 0 and row["new_tokens"] > 0
+        assert 0 < row["prefill_seconds"] < row["seconds"] and row["decode_tokens_per_s"] > 0
         assert row["peak_expert_bytes"] > 0 and row["peak_rss_bytes"] > row["peak_fast_tier_bytes"] > 0
         assert 0 < row["hit_ratio"] <= 1
     lru = [r for r in saved["results"] if r["system"] == "lru"]
@@ -78,6 +79,7 @@ def test_markdown_names_the_reference(tmp_path: Path) -> None:
     doc = {"same_tokens": False, "setup": {"prompts": 1, "dataset": "d", "max_new_tokens": 2, "threads": 1,
                                            "store": "disk", "token_reference": "all-in-memory, batch 1"},
            "results": [{"system": "lru", "cache_experts": 2, "cache_share": 0.5, "batch_size": 1, "tokens_per_s": 3.0,
+                        "prefill_seconds": 0.5, "decode_tokens_per_s": 4.0,
                         "hit_ratio": 0.5, "expert_loads": 1, "peak_fast_tier_bytes": 10, "peak_rss_bytes": 20,
                         "same_tokens": False, "mismatched_sequences": 1}]}
     text = markdown(doc)

@@ -22,8 +22,12 @@ from tests.reference import reference_generate
 from tests.tiny_models import TINY_CONFIGS
 
 
+def _adapter(model_dir: Path):
+    return adapter_for(read_config(EngineConfig(model=model_dir)))
+
+
 def _stores(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[HostStore, DiskStore]:
-    adapter = adapter_for(read_config(EngineConfig(model=model_dir)))
+    adapter = _adapter(model_dir)
     checkpoint = Checkpoint(model_dir)
     layers = sorted({int(k.split(".")[2]) for k in checkpoint.keys() if adapter.is_expert_tensor(k)})
     return (HostStore(checkpoint, adapter, layers, dtype),
@@ -104,3 +108,17 @@ def test_a_truncated_expert_file_is_a_one_line_error(tmp_path, tiny_mixtral_dir)
         disk.read_into(last, torch.empty(disk.numel))
     assert "\n" not in str(caught.value)
     disk.close()
+
+
+def test_buffered_reads_dropped_from_the_page_cache_remain_a_choice(tiny_mixtral_dir):
+    host, _ = _stores(tiny_mixtral_dir)
+    checkpoint = Checkpoint(tiny_mixtral_dir)
+    buffered = DiskStore(checkpoint, _adapter(tiny_mixtral_dir), sorted({k[0] for k in host.keys}), torch.float32,
+                         drop_page_cache=True, direct_io=False)
+    assert buffered.read_method == "pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"
+    for key in host.keys:
+        a, b = torch.empty(host.numel), torch.empty(buffered.numel)
+        host.read_into(key, a)
+        buffered.read_into(key, b)
+        assert torch.equal(a, b), key
+    buffered.close()

@@ -104,6 +104,8 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "system": spec.system, "cache_experts": experts, "cache_share": experts / shape.total_experts,
         "batch_size": spec.batch_size,
         "tokens_per_s": got["new_tokens"] / got["seconds"] if got["seconds"] > 0 else 0.0,
+        "prefill_seconds": got["prefill_seconds"],
+        "decode_tokens_per_s": _decode_rate(got),
         "peak_expert_bytes": got["peak_expert_bytes"],
         "peak_fast_tier_bytes": got["peak_expert_bytes"] + got["resident_bytes"],
         "peak_rss_bytes": got["peak_rss_bytes"], "baseline_rss_bytes": got["baseline_rss_bytes"],
@@ -111,6 +113,13 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
         "notes": got["notes"], "sequences": got["sequences"],
     }
+
+
+def _decode_rate(got: dict) -> float:
+    """Tokens after each sequence's first, per second of the run beyond its prefill pass (0: prefill took it all)."""
+    decode_seconds = got["seconds"] - got["prefill_seconds"]
+    later_tokens = got["new_tokens"] - len(got["sequences"])
+    return later_tokens / decode_seconds if decode_seconds > 0 and later_tokens > 0 else 0.0
 
 
 def _reference(rows: list[dict]) -> list[list[int]]:

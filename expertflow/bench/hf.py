@@ -31,8 +31,9 @@ def _auto_class(model_dir: Path):
 def run_all_in_memory(spec: RunSpec) -> Measured:
     model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32).eval()
     expert, resident = _split_bytes(model)
-    sequences, seconds = _timed_generate(model, spec)
-    return Measured(sequences=sequences, seconds=seconds, peak_expert_bytes=expert, resident_bytes=resident,
+    sequences, seconds, prefill = _timed_generate(model, spec)
+    return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill, peak_expert_bytes=expert,
+                    resident_bytes=resident,
                     all_expert_bytes=expert, hit_ratio=1.0)
 
 
@@ -52,9 +53,9 @@ def run_accelerate(spec: RunSpec) -> Measured:
     with tempfile.TemporaryDirectory(dir=spec.offload_dir) as offload:
         model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32, device_map=device_map,
                                                      offload_folder=offload).eval()
-        sequences, seconds = _timed_generate(model, spec)
+        sequences, seconds, prefill = _timed_generate(model, spec)
     in_memory, largest_offloaded = _placement(skeleton, device_map)
-    return Measured(sequences=sequences, seconds=seconds,
+    return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill,
                     # An offloaded module's weights are in memory while it runs: the largest one adds to the peak.
                     peak_expert_bytes=in_memory["expert"] + largest_offloaded["expert"],
                     resident_bytes=in_memory["resident"] + largest_offloaded["resident"],
@@ -64,18 +65,24 @@ def run_accelerate(spec: RunSpec) -> Measured:
                            "offload_reads": "page cache (not bypassed)"})
 
 
-def _timed_generate(model, spec: RunSpec) -> tuple[list[list[int]], float]:
+def _timed_generate(model, spec: RunSpec) -> tuple[list[list[int]], float, float]:
+    """(sequences, seconds of the timed run, seconds of the same batches' prefill pass after it)."""
     generation = GenerationConfig.from_pretrained(spec.model) if (Path(spec.model) / "generation_config.json").is_file() \
         else GenerationConfig.from_model_config(model.config)
     eos = generation.eos_token_id if generation.eos_token_id is not None else model.config.eos_token_id
     eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     pad = generation.pad_token_id if generation.pad_token_id is not None else min(eos_ids)
     _generate(model, spec.prompts[:1], WARMUP_TOKENS, eos_ids, pad)
+    batches = [spec.prompts[i : i + spec.batch_size] for i in range(0, len(spec.prompts), spec.batch_size)]
     sequences: list[list[int]] = []
     start = time.perf_counter()
-    for i in range(0, len(spec.prompts), spec.batch_size):
-        sequences += _generate(model, spec.prompts[i : i + spec.batch_size], spec.max_new_tokens, eos_ids, pad)
-    return sequences, time.perf_counter() - start
+    for batch in batches:
+        sequences += _generate(model, batch, spec.max_new_tokens, eos_ids, pad)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches:
+        _generate(model, batch, 1, eos_ids, pad)
+    return sequences, seconds, time.perf_counter() - start
 
 
 @torch.inference_mode()

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from expertflow.cli.report import human_bytes
 
-COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "hit ratio", "loads",
+COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "prefill s", "decode tokens/s",
+           "decode vs all-in-memory", "hit ratio", "loads",
            "peak fast tier", "peak RSS", "same tokens")
-JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "peak_expert_bytes",
+JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "prefill_seconds",
+               "decode_tokens_per_s", "peak_expert_bytes",
                "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "same_tokens")
 
 
@@ -24,9 +26,12 @@ def table_rows(doc: dict) -> list[tuple]:
     for r in doc["results"]:
         base = _all_in_memory(doc, r["batch_size"])
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        decode = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" \
+            if base and base["decode_tokens_per_s"] > 0 else "-"
         size = "all" if r["system"] == "all-in-memory" else f"{r['cache_experts']} ({r['cache_share']:.0%})"
         hits = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
-        rows.append((r["system"], size, r["batch_size"], f"{r['tokens_per_s']:.1f}", speed, hits, r["expert_loads"],
+        rows.append((r["system"], size, r["batch_size"], f"{r['tokens_per_s']:.1f}", speed,
+                     f"{r['prefill_seconds']:.2f}", f"{r['decode_tokens_per_s']:.1f}", decode, hits, r["expert_loads"],
                      human_bytes(r["peak_fast_tier_bytes"]), human_bytes(r["peak_rss_bytes"]),
                      "yes" if r["same_tokens"] else f"no ({r['mismatched_sequences']} differ)"))
     return rows

@@ -2,7 +2,9 @@
 
 Every system decodes the same prompt ids greedily for the same number of new tokens, timed end to end
 (prefill included) after a short warm-up; batches are formed in prompt order unless the system has a
-token scheduler of its own (`expertflow`).
+token scheduler of its own (`expertflow`). After the timed run, the same batches are run once more for
+one new token each: that pass's time is the run's prefill cost (time to first token), the same way for
+every system, so decode throughput can be told apart from prompt processing. Its loads are not counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ WARMUP_TOKENS = 2
 class Measured:
     sequences: list[list[int]]        # generated ids per prompt, EOS included, in prompt order
     seconds: float
+    prefill_seconds: float            # the same batches for one new token each, timed after the run
     peak_expert_bytes: int            # fast-tier bytes held by experts at peak
     resident_bytes: int               # fast-tier bytes of every non-expert weight
     all_expert_bytes: int
@@ -62,12 +65,16 @@ def run_engine(spec: RunSpec) -> Measured:
             seconds = time.perf_counter() - start
             sequences, stats, notes = out.sequences, out.stats, {
                 "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)}
+            start = time.perf_counter()
+            model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, max_new_tokens=1)
+            prefill = time.perf_counter() - start
         else:  # encoder-decoder: no token scheduler yet, batches in prompt order
-            sequences, stats, seconds = _generate_in_order(model, spec)
+            sequences, stats, seconds, prefill = _generate_in_order(model, spec)
             notes = {"scheduler": "none (encoder-decoder: batches in prompt order)"}
     finally:
         model.close()
-    return Measured(sequences=sequences, seconds=seconds, peak_expert_bytes=stats.peak_expert_bytes,
+    return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill,
+                    peak_expert_bytes=stats.peak_expert_bytes,
                     resident_bytes=sum(p.numel() * p.element_size() for p in model.model.parameters()),
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved,
@@ -90,7 +97,10 @@ def _generate_in_order(model, spec: RunSpec):
     seconds = time.perf_counter() - start
     stats = RunStats.between(before, model.cache.figures(), new_tokens=sum(map(len, sequences)),
                              prompt_tokens=sum(map(len, spec.prompts)), seconds=seconds, prefill_seconds=0.0)
-    return sequences, stats, seconds
+    start = time.perf_counter()
+    for i in range(0, len(spec.prompts), spec.batch_size):
+        model.generate(input_ids=spec.prompts[i:i + spec.batch_size], max_new_tokens=1)
+    return sequences, stats, seconds, time.perf_counter() - start
 
 
 def _run_transformers(spec: RunSpec) -> Measured:

@@ -27,6 +27,7 @@ def run(spec: RunSpec) -> dict:
     measured = SYSTEMS[spec.system].runner(spec)
     return {
         "sequences": measured.sequences, "seconds": measured.seconds, "new_tokens": measured.new_tokens,
+        "prefill_seconds": measured.prefill_seconds,
         "peak_expert_bytes": measured.peak_expert_bytes, "resident_bytes": measured.resident_bytes,
         "all_expert_bytes": measured.all_expert_bytes, "hit_ratio": measured.hit_ratio,
         "expert_loads": measured.expert_loads, "bytes_moved": measured.bytes_moved, "notes": measured.notes,
