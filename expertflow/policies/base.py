@@ -35,6 +35,9 @@ class CachePolicy(ABC):
     uses_forecast: ClassVar[bool] = False   # plans from a routing forecast (an RPP)
     needs_future: ClassVar[bool] = False    # offline: needs the whole access sequence (simulator only)
     settings_class: ClassVar[type | None] = None  # a dataclass of the policy's knobs, passed as `config=`
+    # Live-engine defaults of those knobs per slow-tier store, under what the user sets (the simulator
+    # models transfer time itself and keeps the dataclass defaults).
+    store_settings: ClassVar[dict[str, dict[str, float]]] = {}
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
         self.capacity = capacity

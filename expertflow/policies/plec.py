@@ -67,6 +67,11 @@ class PLECPolicy(CachePolicy):
     prefetches = True
     uses_forecast = True
     settings_class = PLECConfig
+    # A disk read takes 1.5-2 layers of batch-1 decode compute on this project's machines (a page-cache-
+    # bypassing read of a 6 MiB expert ~4-8 ms, a layer ~3-4 ms): admitted just in time (lead 1), an
+    # evicting prefetch leaves the next layer waiting for nearly all of it; two layers ahead hides most of
+    # it for ~6% more loads (docs/results/README.md, session 4).
+    store_settings = {"disk": {"lead": 2}}
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
                  config: PLECConfig = PLECConfig()) -> None:
