@@ -123,7 +123,7 @@ def main() -> None:
                   title=f"{args.experts} expert reads of {store.expert_bytes / 2**20:.1f} MiB, page cache dropped, "
                         f"median of {args.repeats} passes; load average {os.getloadavg()[0]:.1f}")
     for r in rows:
-        table.add_row(r["reads"].split(" (")[0], str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
+        table.add_row("O_DIRECT" if r["reads"].startswith("O_DIRECT") else "buffered + DONTNEED", str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
                       f"{r['wall_ms_per_expert']:.2f}", f"{r['cpu_ms_per_expert']:.2f}", f"{r['read_ms_median']:.2f}")
     Console().print(table)
     print(json.dumps({"model": str(args.model), "expert_bytes": store.expert_bytes, "experts_per_pass": args.experts,
