@@ -34,6 +34,16 @@ def _stores(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[HostSt
             DiskStore(checkpoint, adapter, layers, dtype, drop_page_cache=True))
 
 
+def _assert_same_experts(host: HostStore, store: DiskStore, read: dict | None = None) -> None:
+    """Every expert `store` reads (or `read` already holds) equals the host store's copy, bit for bit."""
+    for key in host.keys:
+        want, got = torch.empty(host.numel), read[key] if read is not None else torch.empty(store.numel)
+        host.read_into(key, want)
+        if read is None:
+            store.read_into(key, got)
+        assert torch.equal(got, want), key
+
+
 def _require_direct(model_dir: Path) -> None:
     fd = open_direct(next(model_dir.glob("*.safetensors")))
     if fd is None:
@@ -58,10 +68,7 @@ def test_direct_reads_equal_the_host_store_from_concurrent_readers(family, tiny_
         t.start()
     for t in threads:
         t.join()
-    for key in keys:
-        want = torch.empty(host.numel)
-        host.read_into(key, want)
-        assert torch.equal(got[key], want), key
+    _assert_same_experts(host, disk, got)
     disk.close()
 
 
@@ -80,11 +87,7 @@ def test_direct_reads_cast_a_bf16_checkpoint_and_keep_the_tokens(tmp_path, tiny_
     AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     _require_direct(tmp_path / "bf16")
     host, disk = _stores(tmp_path / "bf16")
-    for key in host.keys:
-        a, b = torch.empty(host.numel), torch.empty(disk.numel)
-        host.read_into(key, a)
-        disk.read_into(key, b)
-        assert torch.equal(a, b), key
+    _assert_same_experts(host, disk)
     disk.close()
     prompts = [[5, 9, 13, 2], [7, 7, 30]]
     m = ExpertflowModel(EngineConfig(model=tmp_path / "bf16", cache_experts=6, store="disk", drop_page_cache=True))
@@ -116,9 +119,5 @@ def test_buffered_reads_dropped_from_the_page_cache_remain_a_choice(tiny_mixtral
     buffered = DiskStore(checkpoint, _adapter(tiny_mixtral_dir), sorted({k[0] for k in host.keys}), torch.float32,
                          drop_page_cache=True, direct_io=False)
     assert buffered.read_method == "pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"
-    for key in host.keys:
-        a, b = torch.empty(host.numel), torch.empty(buffered.numel)
-        host.read_into(key, a)
-        buffered.read_into(key, b)
-        assert torch.equal(a, b), key
+    _assert_same_experts(host, buffered)
     buffered.close()

@@ -99,20 +99,3 @@ def test_bf16_checkpoint_runs_in_fp32_from_either_store(tmp_path, tiny_mixtral_d
     assert a.sequences == b.sequences and torch.equal(a.last_logits, b.last_logits)
     theirs, _ = reference_generate(tmp_path / "bf16", PROMPTS, 8, 1)
     assert a.sequences == theirs
-
-
-def test_disk_store_dropping_page_cache_reads_the_same_bytes(tiny_mixtral_dir):
-    from expertflow.checkpoint import Checkpoint
-    from expertflow.store import DiskStore, HostStore
-
-    m = expertflow.from_pretrained(tiny_mixtral_dir)
-    adapter, layers = m.engine.parts.adapter, m.engine.parts.layers
-    checkpoint = Checkpoint(tiny_mixtral_dir)
-    host = HostStore(checkpoint, adapter, layers, torch.float32)
-    disk = DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
-    for key in host.keys:
-        a, b = torch.empty(host.numel), torch.empty(disk.numel)
-        host.read_into(key, a)
-        disk.read_into(key, b)
-        assert torch.equal(a, b), key
-    disk.close()
