@@ -24,6 +24,7 @@ from expertflow.policies.planner import CachePlanner, Issued
 from expertflow.prefetch import DEMAND, PREFETCH, Transfer, TransferWorker
 from expertflow.residency import CacheCounters, Placement, Residency
 from expertflow.store import ExpertStore
+from expertflow.transfer_clock import TransferClock
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ExpertCache:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self._worker = TransferWorker(self._copy, self._is_current, io_threads) if background else None
+        # Only prefetching policies time their transfers (PLEC's lead); an explicit transfer ratio is the
+        # simulator's clock, kept as given.
+        self._clock = TransferClock() if background and transfer_ratio is None else None
         self.peak_bytes = 0
         self.wait_seconds = 0.0
         for key in residency.policy.initial_residents():
@@ -69,6 +73,9 @@ class ExpertCache:
         """A forward over `layers` (default: every MoE layer) starts: the policy plans and the first
         window's prefetches go out."""
         with self._lock:
+            if self._clock is not None:
+                self._clock.forward_start(self.wait_seconds)
+                self.residency.policy.set_transfer_time(self._clock.layers_per_transfer())
             self._issue(self.planner.begin_step(forecast, layers))
 
     def route(self, layer: int, keys: Sequence[Key]) -> None:
@@ -77,6 +84,8 @@ class ExpertCache:
 
     def finish_layer(self, layer: int) -> None:
         with self._lock:
+            if self._clock is not None:
+                self._clock.layer_done(self.wait_seconds)
             self._issue(self.planner.finish_layer(layer))
 
     def acquire(self, key: Key) -> torch.Tensor:
@@ -132,14 +141,21 @@ class ExpertCache:
     def _copy(self, key: Key, slot_index: int) -> torch.cuda.Event | None:
         slot = self._slots[slot_index]
         if self._stream is None:
+            start = time.perf_counter()
             self.store.read_into(key, slot)
+            if self._clock is not None:
+                self._clock.transfer(time.perf_counter() - start)
             return None
         # The slot may still be read by kernels queued on the compute stream: wait for them first.
         self._stream.wait_stream(self._compute)
         with torch.cuda.stream(self._stream):
+            began = torch.cuda.Event(enable_timing=self._clock is not None)
+            began.record(self._stream)
             self.store.read_into(key, slot)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=self._clock is not None)
             done.record(self._stream)
+        if self._clock is not None:
+            self._clock.cuda_transfer(began, done)
         return done
 
     def _wait_event(self, event: torch.cuda.Event | None) -> None:

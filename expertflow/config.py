@@ -83,7 +83,6 @@ class EngineConfig:
         if self.policy is None:
             self.policy = "none" if self.cache_experts is None and self.cache_bytes is None else "lru"
         policy_settings(self.policy, self.policy_settings)  # fails now, naming the knob, not at load time
-        self.policy_settings = {**policy_class(self.policy).store_settings.get(self.store, {}), **self.policy_settings}
         if self.predictor is None and self._embedded_model() and policy_class(self.policy).uses_forecast:
             self.predictor = EMBEDDED_PREDICTOR_DIR  # shipped with the package for exactly this model
 

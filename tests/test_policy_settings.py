@@ -126,16 +126,3 @@ def test_generate_and_simulate_clis_take_policy_settings(tmp_path, capsys) -> No
     assert main([*sim, "--policies", "lru", "--policy-setting", "lead=3"]) == 2
     assert "add it to --policies" in capsys.readouterr().err
 
-
-def test_a_disk_tier_admits_plec_prefetches_two_layers_ahead_unless_told_otherwise() -> None:
-    disk = EngineConfig(cache_experts=26, policy="expertflow", store="disk")
-    assert disk.policy_settings == {"lead": 2}
-    assert EngineConfig(cache_experts=26, policy="expertflow", store="disk",
-                        policy_settings={"lead": 1, "threshold": 0.2}).policy_settings == {"lead": 1, "threshold": 0.2}
-    assert EngineConfig(cache_experts=26, policy="expertflow", store="host").policy_settings == {}
-    assert EngineConfig(cache_experts=26, policy="lru", store="disk").policy_settings == {}
-    m = expertflow.from_pretrained(cache_experts=26, policy="expertflow", store="disk")
-    try:
-        assert m.engine.parts.policy.config.lead == 2
-    finally:
-        m.close()

@@ -35,12 +35,10 @@ class CachePolicy(ABC):
     uses_forecast: ClassVar[bool] = False   # plans from a routing forecast (an RPP)
     needs_future: ClassVar[bool] = False    # offline: needs the whole access sequence (simulator only)
     settings_class: ClassVar[type | None] = None  # a dataclass of the policy's knobs, passed as `config=`
-    # Live-engine defaults of those knobs per slow-tier store, under what the user sets (the simulator
-    # models transfer time itself and keeps the dataclass defaults).
-    store_settings: ClassVar[dict[str, dict[str, float]]] = {}
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int) -> None:
         self.capacity = capacity
+        self.transfer_layers = 0.0  # layers of compute one transfer takes (0: unknown); see set_transfer_time
         self.layers = list(layers)
         self.num_experts = num_experts
         self.top_k = top_k
@@ -54,6 +52,11 @@ class CachePolicy(ABC):
         total = len(self.layers) * num_experts
         if capacity > total:
             raise ExpertflowError(f"a cache of {capacity} experts exceeds the model's {total} experts; use at most {total}")
+
+    def set_transfer_time(self, layers: float) -> None:
+        """How many layers of compute one expert transfer takes: modeled from the transfer ratio in the
+        simulator, measured by the live cache. Policies that time their prefetches read `transfer_layers`."""
+        self.transfer_layers = max(0.0, layers)
 
     @classmethod
     def min_capacity(cls, layers: Sequence[int], num_experts: int, top_k: int) -> int:

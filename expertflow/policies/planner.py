@@ -35,6 +35,9 @@ class CachePlanner:
         self.residency = residency
         self.policy = residency.policy
         self.transfer_ratio = transfer_ratio
+        # The simulator's clock: a transfer takes 1 / ratio layer windows (no ratio: no time). The live cache
+        # overrides this with measured times.
+        self.policy.set_transfer_time(1.0 / transfer_ratio if transfer_ratio else 0.0)
         self._queue: deque[Key] = deque()
         self._room = 0.0
         self._ran = -1  # position of the last layer routed in this forward

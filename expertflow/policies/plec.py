@@ -20,7 +20,8 @@ The paper's parts, in these terms:
 - the most probable experts prefetched before execution: the plan lists the forward's keys with
   p >= THRESHOLD, by layer (deadline) then probability; a prefetch into a free slot is always taken,
   one that must evict is admitted only when it out-values the cheapest resident and its layer is at most
-  LEAD layers ahead (just in time: an eviction decided later can pick a slot of a layer that has run);
+  LEAD layers ahead (an eviction decided later can pick a slot of a layer that has run; LEAD is one
+  transfer's time in layers, measured live or modeled from the simulator's transfer ratio, unless set);
 - finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
   next-forward use, so the following windows hand their slots to later layers' predicted experts;
 - run-time correction: a routed expert that is not resident is a demand load, ahead of every prefetch
@@ -46,7 +47,8 @@ class PLECConfig:
     threshold: float = 0.5  # forecast probability worth a prefetch
     beta: float = 0.9       # value discount per layer of distance to the use
     decay: float = 0.9      # per-forward decay of the usage average u
-    lead: int = 1           # a prefetch that must evict waits until its layer is at most this many layers ahead
+    lead: int | None = None  # a prefetch that must evict waits until its layer is at most this many layers
+                             # ahead; None: as many layers as one transfer takes (see `PLECPolicy.lead`)
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -58,8 +60,9 @@ class PLECConfig:
         if not 0 <= self.decay < 1:
             raise ValueError(f"PLEC decay is the per-forward decay of the usage average and must be in [0, 1), "
                              f"got {self.decay}")
-        if isinstance(self.lead, bool) or not isinstance(self.lead, int) or self.lead < 0:
-            raise ValueError(f"PLEC lead counts layers ahead and must be an integer >= 0, got {self.lead!r}")
+        if self.lead is not None and (isinstance(self.lead, bool) or not isinstance(self.lead, int) or self.lead < 0):
+            raise ValueError(f"PLEC lead counts layers ahead and must be an integer >= 0, got {self.lead!r} "
+                             "(leave it unset to have it measured)")
 
 
 class PLECPolicy(CachePolicy):
@@ -67,11 +70,6 @@ class PLECPolicy(CachePolicy):
     prefetches = True
     uses_forecast = True
     settings_class = PLECConfig
-    # A disk read takes 1.5-2 layers of batch-1 decode compute on this project's machines (a page-cache-
-    # bypassing read of a 6 MiB expert ~4-8 ms, a layer ~3-4 ms): admitted just in time (lead 1), an
-    # evicting prefetch leaves the next layer waiting for nearly all of it; two layers ahead hides most of
-    # it for ~6% more loads (docs/results/README.md, session 4).
-    store_settings = {"disk": {"lead": 2}}
 
     def __init__(self, capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
                  config: PLECConfig = PLECConfig()) -> None:
@@ -149,10 +147,21 @@ class PLECPolicy(CachePolicy):
             distance += steps
         return value + unused * self._u(key) * self.config.beta**distance
 
+    @property
+    def lead(self) -> int:
+        """How many layers ahead an evicting prefetch may go: the configured lead, else one transfer's time in
+        layers, rounded, at least 1. Admitted just in time (1), a prefetch whose read takes two layers
+        leaves its layer waiting for most of it; admitted earlier than needed, it evicts on less knowledge
+        (a layer that has run frees slots of known worth). A 6 MiB disk read at batch 1 is ~2 layers here,
+        a host-RAM copy a fraction of one, a PCIe copy of a large model's expert tens of layers."""
+        if self.config.lead is not None:
+            return self.config.lead
+        return max(1, min(round(self.transfer_layers), len(self.forward_layers)))
+
     def admit(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
         if not full:
             return True
-        if self.in_forward(key[0]) and self.position(key[0]) - self._running > self.config.lead:
+        if self.in_forward(key[0]) and self.position(key[0]) - self._running > self.lead:
             return False  # the planner retries it in a later window
         cheapest = self._cheapest_resident(pinned)
         return cheapest is not None and cheapest[0] < self.value(key)
