@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from expertflow.bench.harness import model_shape, plan_runs, run_bench
+from expertflow.bench.harness import ModelShape, model_shape, plan_runs, run_bench
 from expertflow.bench.plots import write_plots
 from expertflow.bench.report import JSON_FIELDS, json_line, markdown, write_results
 from expertflow.bench.spec import BenchConfig, CacheSize
@@ -111,3 +111,28 @@ def test_io_threads_reach_every_run(tiny_mixtral_dir: Path, tmp_path: Path) -> N
     with pytest.raises(ExpertflowError, match="--io-threads"):
         BenchConfig(model=tiny_mixtral_dir, systems=["lru"], cache_sizes=[CacheSize("50%")], batch_sizes=[1],
                     out=tmp_path, io_threads=0)
+
+
+def test_repeats_report_each_points_median_run_and_check_every_runs_tokens(tmp_path: Path) -> None:
+    from expertflow.bench.harness import _document
+
+    config = BenchConfig(model=tmp_path, systems=["all-in-memory", "lru"], cache_sizes=[CacheSize.parse("50%")],
+                         batch_sizes=[1], out=tmp_path / "out", repeats=3)
+
+    def run(system: str, speed: float, tokens: list[list[int]]) -> dict:
+        return {"system": system, "cache_experts": 8 if system == "lru" else 16, "batch_size": 1,
+                "tokens_per_s": speed, "expert_loads": int(speed), "sequences": tokens, "notes": {}}
+
+    same, other = [[1, 2], [3]], [[1, 2], [4]]
+    rows = [run("all-in-memory", 30.0, same), run("lru", 9.0, same),
+            run("all-in-memory", 40.0, same), run("lru", 7.0, same),
+            run("all-in-memory", 20.0, same), run("lru", 8.0, other)]
+    doc = _document(config, ModelShape(2, 8, 2), [[5, 6]], rows)
+    memory, lru = doc["results"]
+    assert (memory["tokens_per_s"], memory["tokens_per_s_runs"]) == (30.0, [30.0, 40.0, 20.0])
+    assert (lru["tokens_per_s"], lru["expert_loads"]) == (8.0, 8)  # the median run's own figures
+    assert lru["mismatched_sequences"] == 1 and not lru["same_tokens"] and not doc["same_tokens"]
+    assert doc["setup"]["repeats"] == 3
+    with pytest.raises(ExpertflowError, match="--repeats must be"):
+        BenchConfig(model=tmp_path, systems=["lru"], cache_sizes=[CacheSize.parse("50%")], batch_sizes=[1],
+                    out=tmp_path / "out", repeats=0)

@@ -80,7 +80,9 @@ def run_bench(config: BenchConfig, prompts: list[list[int]],
     shape = model_shape(config.model)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="expertflow-bench-") as scratch:
-        for spec in tqdm(plan_runs(config, shape, prompts, scratch), desc="bench", unit="run", disable=None):
+        plan = plan_runs(config, shape, prompts, scratch)
+        # Whole sweeps one after another, so a machine's drift over time reaches every system alike.
+        for spec in tqdm(plan * config.repeats, desc="bench", unit="run", disable=None):
             rows.append(_row(spec, measure(spec), shape))
             if checkpoint is not None:
                 checkpoint(_document(config, shape, prompts, rows))
@@ -90,10 +92,11 @@ def run_bench(config: BenchConfig, prompts: list[list[int]],
 def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], rows: list[dict]) -> dict:
     reference = _reference(rows)
     results = []
-    for row in rows:
-        mismatched = sum(a != b for a, b in zip(row["sequences"], reference))
-        results.append({**{k: v for k, v in row.items() if k != "sequences"}, "mismatched_sequences": mismatched,
-                        "same_tokens": mismatched == 0})
+    for runs in _by_point(rows):
+        mismatched = max(sum(a != b for a, b in zip(run["sequences"], reference)) for run in runs)
+        results.append({**{k: v for k, v in median_run(runs).items() if k != "sequences"},
+                        "tokens_per_s_runs": [run["tokens_per_s"] for run in runs],
+                        "mismatched_sequences": mismatched, "same_tokens": mismatched == 0})
     return {"same_tokens": all(r["same_tokens"] for r in results), "results": results,
             "setup": _setup(config, shape, prompts, rows)}
 
@@ -113,6 +116,20 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
         "notes": got["notes"], "sequences": got["sequences"],
     }
+
+
+def _by_point(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by (system, cache size, batch size), in the order the points were first measured."""
+    points: dict[tuple, list[dict]] = {}
+    for row in rows:
+        points.setdefault((row["system"], row["cache_experts"], row["batch_size"]), []).append(row)
+    return list(points.values())
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The repeat whose tokens/s is the median (the lower middle one for an even count): a real run whose
+    figures belong together, not a blend of several."""
+    return sorted(runs, key=lambda run: run["tokens_per_s"])[(len(runs) - 1) // 2]
 
 
 def _decode_rate(got: dict) -> float:
@@ -137,6 +154,7 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
         "io_threads": config.io_threads,
+        "repeats": config.repeats,  # each point's row is its median-tokens/s repeat; tokens_per_s_runs holds all
         "prefetch_threshold": config.policy_settings.get("threshold"),  # the expertflow system's (None: 0.5)
         "policy_settings": config.policy_settings,  # the expertflow system's PLECConfig knobs ({}: defaults)
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,

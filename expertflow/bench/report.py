@@ -17,7 +17,7 @@ COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "
            "decode vs all-in-memory", "hit ratio", "loads",
            "peak fast tier", "peak RSS", "same tokens")
 JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "prefill_seconds",
-               "decode_tokens_per_s", "peak_expert_bytes",
+               "decode_tokens_per_s", "tokens_per_s_runs", "peak_expert_bytes",
                "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "same_tokens")
 
 

@@ -58,6 +58,7 @@ class BenchConfig:
     threads: int = 1
     io_threads: int = 1                # expert transfers at once for engine systems whose policy prefetches
     policy_settings: dict = field(default_factory=dict)  # the `expertflow` system's PLECConfig knobs ({}: defaults)
+    repeats: int = 1                   # whole sweeps run one after another; each point reports its median
     dataset: str = "custom"
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
@@ -78,8 +79,9 @@ class BenchConfig:
             raise ExpertflowError(f"unknown store {self.store!r}; choose host or disk")
         if self.scheduler not in ENGINE_SCHEDULERS:
             raise ExpertflowError(f"unknown scheduler {self.scheduler!r}; choose {' or '.join(ENGINE_SCHEDULERS)}")
-        if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit) < 1:
-            raise ExpertflowError("--max-new-tokens, --threads, --io-threads and --schedule-unit must be at least 1")
+        if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit, self.repeats) < 1:
+            raise ExpertflowError("--max-new-tokens, --threads, --io-threads, --schedule-unit and --repeats must be "
+                                  "at least 1")
         if self.policy_settings:
             if "expertflow" not in self.systems:
                 raise ExpertflowError("--prefetch-threshold and --policy-setting apply to system expertflow; "

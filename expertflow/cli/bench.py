@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: steadier ratios)")
     p.add_argument("--io-threads", type=int, default=1, metavar="N",
                    help="expert transfers at once for engine systems whose policy prefetches (default 1)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run the whole sweep N times, one after another, and report each point's median run "
+                        "(this machine's speed drifts; default 1)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results and plots")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.set_defaults(func=run)
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor,
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        io_threads=args.io_threads, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),
+        io_threads=args.io_threads, repeats=args.repeats, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),
         dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
