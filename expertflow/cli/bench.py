@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         model=model, systems=_names(args.systems), cache_sizes=[CacheSize.parse(s) for s in _names(args.cache_experts)],
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor,
-        **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        io_threads=args.io_threads, repeats=args.repeats, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),
-        dataset=args.dataset,
+        **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
+        max_new_tokens=args.max_new_tokens, threads=args.threads, io_threads=args.io_threads, repeats=args.repeats,
+        policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting), dataset=args.dataset,
         notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
     doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
                     checkpoint=lambda partial: write_results(partial, config.out))
