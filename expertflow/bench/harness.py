@@ -153,7 +153,7 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
     return {
         "model": str(config.model), "dataset": config.dataset, "prompts": len(prompts),
         "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "threads": config.threads,
-        "io_threads": config.io_threads,
+        "io_threads": config.io_threads,  # transfers at once where a policy prefetches; lru/lfu load on demand
         "repeats": config.repeats,  # each point's row is its median-tokens/s repeat; tokens_per_s_runs holds all
         "prefetch_threshold": config.policy_settings.get("threshold"),  # the expertflow system's (None: 0.5)
         "policy_settings": config.policy_settings,  # the expertflow system's PLECConfig knobs ({}: defaults)

@@ -73,7 +73,7 @@ def _timed_generate(model, spec: RunSpec) -> tuple[list[list[int]], float, float
     eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     pad = generation.pad_token_id if generation.pad_token_id is not None else min(eos_ids)
     _generate(model, spec.prompts[:1], WARMUP_TOKENS, eos_ids, pad)
-    batches = [spec.prompts[i : i + spec.batch_size] for i in range(0, len(spec.prompts), spec.batch_size)]
+    batches = spec.batches()
     sequences: list[list[int]] = []
     start = time.perf_counter()
     for batch in batches:

@@ -114,6 +114,10 @@ class RunSpec:
     policy_settings: dict = field(default_factory=dict)
     offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
 
+    def batches(self) -> list[list[list[int]]]:
+        """The prompts as batches of `batch_size`, in prompt order (systems without a token scheduler)."""
+        return [self.prompts[i : i + self.batch_size] for i in range(0, len(self.prompts), self.batch_size)]
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -91,15 +91,14 @@ def _generate_in_order(model, spec: RunSpec):
     before = model.cache.figures()
     sequences: list[list[int]] = []
     start = time.perf_counter()
-    for i in range(0, len(spec.prompts), spec.batch_size):
-        sequences += model.generate(input_ids=spec.prompts[i:i + spec.batch_size],
-                                    max_new_tokens=spec.max_new_tokens).sequences
+    for batch in spec.batches():
+        sequences += model.generate(input_ids=batch, max_new_tokens=spec.max_new_tokens).sequences
     seconds = time.perf_counter() - start
     stats = RunStats.between(before, model.cache.figures(), new_tokens=sum(map(len, sequences)),
                              prompt_tokens=sum(map(len, spec.prompts)), seconds=seconds, prefill_seconds=0.0)
     start = time.perf_counter()
-    for i in range(0, len(spec.prompts), spec.batch_size):
-        model.generate(input_ids=spec.prompts[i:i + spec.batch_size], max_new_tokens=1)
+    for batch in spec.batches():
+        model.generate(input_ids=batch, max_new_tokens=1)
     return sequences, stats, seconds, time.perf_counter() - start
 
 
