@@ -5,6 +5,7 @@ check that every run produced the same tokens, and write the results.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,10 @@ def measure(spec: RunSpec) -> dict:
     """Run `spec` in a fresh interpreter; its last stdout line is the result."""
     done = subprocess.run([sys.executable, "-m", "expertflow.bench.worker"], input=json.dumps(spec.to_json()),
                           capture_output=True, text=True)
+    if done.returncode == -signal.SIGKILL and spec.system == "accelerate" and spec.drop_page_cache:
+        raise ExpertflowError(f"bench run accelerate (cache {spec.cache_experts}, batch {spec.batch_size}) was killed, "
+                              "most likely by its memory cgroup's limit (see expertflow/bench/hf.py WORKING_HEADROOM); "
+                              "rerun with --page-cache to leave its page cache unbounded")
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ExpertflowError(f"bench run {spec.system} (cache {spec.cache_experts}, batch {spec.batch_size}) "
@@ -163,7 +168,8 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
                       ("page cache bypassed" if config.store == "disk" and config.drop_page_cache else
                        "through the OS page cache" if config.store == "disk" else "host RAM store (no disk)"),
         "accelerate": "infer_auto_device_map(max_memory={'cpu': resident + cache experts x expert bytes}), rest to "
-                      "disk offload_folder, read through the page cache; CPU-only so 'cpu' is the fast tier",
+                      "disk offload_folder; CPU-only so 'cpu' is the fast tier. Its reads go through the page cache, "
+                      "bounded where the OS allows: see each row's notes.offload_reads",
         "token_reference": "all-in-memory, batch 1" if "all-in-memory" in config.systems and 1 in config.batch_sizes
                            else "the first run",
         "systems": {name: SYSTEMS[name].summary for name in config.systems},

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated from {', '.join(SYSTEMS)}")
     p.add_argument("--store", choices=("disk", "host"), default="disk", help="slow tier for engine systems")
     p.add_argument("--page-cache", action="store_true",
-                   help="let disk reads hit the OS page cache (default: bypass it, so disk means disk)")
+                   help="let disk reads hit the OS page cache (default: bypass it, so disk means disk: the engine "
+                        "reads with O_DIRECT, accelerate runs in a memory cgroup that bounds its page cache)")
     p.add_argument("--predictor", type=Path, default=None, metavar="DIR", help="RPP for the expertflow system")
     p.add_argument("--scheduler", default=None, choices=ENGINE_SCHEDULERS,
                    help="token scheduler of the expertflow system (default exhaustive: exact for units of up to "
