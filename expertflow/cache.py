@@ -101,6 +101,15 @@ class ExpertCache:
             self._await(transfer)
         return slot
 
+    def record_uses(self) -> tuple[list[Key], list[Key]]:
+        """(the experts resident now, the list every later demand use is appended to): see `Residency`."""
+        with self._lock:
+            return self.residency.record_uses()
+
+    def stop_recording(self) -> None:
+        with self._lock:
+            self.residency.stop_recording()
+
     def release(self, key: Key) -> None:
         with self._lock:
             self.residency.unpin(key)

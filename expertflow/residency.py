@@ -80,12 +80,24 @@ class Residency:
         self._forward = 0
         self.counters = CacheCounters()
         self.slots_used_peak = 0
+        self._use_log: list[Key] | None = None
+
+    def record_uses(self) -> tuple[list[Key], list[Key]]:
+        """Start logging demand uses: (the keys resident now, the list each later use is appended to), so a
+        run can be replayed offline from the state it started in (Belady's MIN over the same accesses)."""
+        self._use_log = []
+        return list(self.slot_of), self._use_log
+
+    def stop_recording(self) -> None:
+        self._use_log = None
 
     def __contains__(self, key: Key) -> bool:
         return key in self.slot_of
 
     def use(self, key: Key) -> Placement:
         """A demand use of `key` by a running layer: a hit, or a miss that loads it now."""
+        if self._use_log is not None:
+            self._use_log.append(key)
         if key in self.slot_of:
             self.counters.hits += 1
             if key in self._unused_prefetches:

@@ -143,6 +143,21 @@ def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: in
     return SimResult(config, counted, residency.counters.minus(start))
 
 
+def belady_loads(uses: Sequence[Key], capacity: int, layers: Sequence[int], num_experts: int, top_k: int,
+                 resident: Sequence[Key] = ()) -> int:
+    """Belady's MIN loads for a demand sequence (a live run's `record_uses`), starting with `resident`
+    in the cache: the fewest loads any policy, prefetching or not, could have served those uses with."""
+    policy = build_policy("belady", capacity, layers, num_experts, top_k)
+    policy.set_future(uses, resident)
+    residency = Residency(capacity, policy)
+    for key in policy.initial_residents():
+        residency.preload(key)
+    warm = residency.counters.loads
+    for key in uses:
+        residency.use(key)
+    return residency.counters.loads - warm
+
+
 def replay_forward(planner: CachePlanner, fw: Forward, layers: Sequence[int]) -> None:
     """One forward over its layers, in the order OffloadedExperts drives the live cache."""
     runs = set(layers if fw.layers is None else fw.layers)

@@ -38,6 +38,10 @@ def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
         assert 0 < row["hit_ratio"] <= 1
     lru = [r for r in saved["results"] if r["system"] == "lru"]
     assert all(r["cache_experts"] == 12 and r["expert_loads"] > 0 for r in lru)  # 50% of 3 layers x 8 experts
+    assert 0 < lru[0]["belady_loads"] <= lru[0]["expert_loads"]
+    assert lru[0]["loads_vs_belady"] == lru[0]["expert_loads"] / lru[0]["belady_loads"]
+    assert saved["results"][0]["belady_loads"] is None  # all-in-memory has no cache to replay
+    assert all(r["belady_ceiling_tokens_per_s"] is None for r in saved["results"])  # no expert costs measured
     everything = saved["results"][0]
     assert lru[0]["peak_expert_bytes"] <= everything["peak_expert_bytes"] // 2
     assert "page cache bypassed" in saved["setup"]["disk_reads"] == lru[0]["notes"]["slow_tier_reads"]
@@ -136,3 +140,15 @@ def test_repeats_report_each_points_median_run_and_check_every_runs_tokens(tmp_p
     with pytest.raises(ExpertflowError, match="--repeats must be"):
         BenchConfig(model=tmp_path, systems=["lru"], cache_sizes=[CacheSize.parse("50%")], batch_sizes=[1],
                     out=tmp_path / "out", repeats=0)
+
+
+def test_belady_ceiling_is_the_slower_of_belady_reads_and_all_in_memory_compute() -> None:
+    from expertflow.bench.harness import belady_ceiling
+
+    row = {"new_tokens": 100, "belady_loads": 50}
+    costs = {"load_ms": 20.0}
+    assert belady_ceiling(row, {"seconds": 0.5}, costs) == 100.0  # 50 reads x 20 ms = 1 s, above the 0.5 s compute
+    assert belady_ceiling(row, {"seconds": 2.0}, costs) == 50.0   # compute-bound: no cache can beat it
+    assert belady_ceiling(row, None, costs) is None
+    assert belady_ceiling(row, {"seconds": 0.5}, None) is None
+    assert belady_ceiling({"new_tokens": 100, "belady_loads": None}, {"seconds": 0.5}, costs) is None

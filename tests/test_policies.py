@@ -201,3 +201,44 @@ def test_belady_loads_least_on_recorded_traces(recorded_traces, batch, cache):
                             SimConfig(name, cache, batch, 4.0, count_prefill=True)).counters.loads
              for name in [*ONLINE, "belady"]}
     assert all(loads["belady"] <= loads[name] for name in ONLINE), loads
+
+
+def test_belady_loads_of_a_use_log_count_from_a_warm_start():
+    from expertflow.simulator import belady_loads
+
+    a, b, c = (0, 1), (0, 2), (0, 3)
+    uses = [c, a, b]
+    # Cold: all three miss (two slots, three keys).
+    assert belady_loads(uses, 2, [0], 8, 1) == 3
+    # Warm {a, b}: c evicts b (next used after a), then b evicts c (never used again): 2 loads.
+    assert belady_loads(uses, 2, [0], 8, 1, resident=[a, b]) == 2
+    assert belady_loads([a, b, a, b], 2, [0], 8, 1, resident=[a, b]) == 0
+    with pytest.raises(ValueError, match="do not fit 2 distinct slots"):
+        belady_loads(uses, 2, [0], 8, 1, resident=[a, b, c])
+
+
+@pytest.mark.parametrize("policy", ["lru", "expertflow"])
+def test_a_live_runs_use_log_replays_to_its_own_loads_and_belady_loads_no_more(policy):
+    """The log `record_uses` keeps is the engine's demand sequence: replayed through the same policy from
+    the same (cold) cache it gives the live loads, and Belady's MIN over it never loads more."""
+    import expertflow
+    from expertflow.policies import build_policy
+    from expertflow.simulator import belady_loads
+
+    m = expertflow.from_pretrained(cache_experts=26, policy=policy)
+    try:
+        resident, uses = m.cache.record_uses()
+        out = m.generate(input_ids=[m.encode("Describe the water cycle.")], max_new_tokens=12)
+        m.cache.stop_recording()
+        live = out.stats.expert_loads
+        p = m.cache.residency.policy
+        floor = belady_loads(uses, 26, p.layers, p.num_experts, p.top_k, resident)
+    finally:
+        m.close()
+    assert resident == [] and len(uses) == out.stats.hits + out.stats.misses
+    assert 0 < floor <= live
+    if policy == "lru":  # a demand-paged policy: its loads are a function of the use sequence alone
+        replay = Residency(26, build_policy("lru", 26, p.layers, p.num_experts, p.top_k))
+        for key in uses:
+            replay.use(key)
+        assert replay.counters.loads == live

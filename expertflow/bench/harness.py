@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from expertflow.bench.report import all_in_memory_row
 from expertflow.bench.spec import BenchConfig, RunSpec
 from expertflow.bench.systems import SYSTEMS
 from expertflow.conformance import inspect_model
@@ -102,6 +103,9 @@ def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
         results.append({**{k: v for k, v in median_run(runs).items() if k != "sequences"},
                         "tokens_per_s_runs": [run["tokens_per_s"] for run in runs],
                         "mismatched_sequences": mismatched, "same_tokens": mismatched == 0})
+    costs = config.notes.get("expert_costs")
+    for row in results:
+        row["belady_ceiling_tokens_per_s"] = belady_ceiling(row, all_in_memory_row(results, row["batch_size"]), costs)
     return {"same_tokens": all(r["same_tokens"] for r in results), "results": results,
             "setup": _setup(config, shape, prompts, rows)}
 
@@ -118,9 +122,22 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "peak_fast_tier_bytes": got["peak_expert_bytes"] + got["resident_bytes"],
         "peak_rss_bytes": got["peak_rss_bytes"], "baseline_rss_bytes": got["baseline_rss_bytes"],
         "hit_ratio": got["hit_ratio"], "expert_loads": got["expert_loads"], "bytes_moved": got["bytes_moved"],
+        "belady_loads": got["belady_loads"],
+        "loads_vs_belady": got["expert_loads"] / got["belady_loads"] if got["belady_loads"] else None,
         "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
         "notes": got["notes"], "sequences": got["sequences"],
     }
+
+
+def belady_ceiling(row: dict, base: dict | None, costs: dict | None) -> float | None:
+    """The tokens/s the run could reach had it loaded only Belady's experts for its routing, each at the
+    measured read time of one expert, with every read hidden behind compute as fast as all-in-memory's
+    (or that compute behind the reads): an estimate of the limit for any cache policy on this disk and
+    one reader. None without a Belady replay, an all-in-memory run at the batch size or measured costs."""
+    if row.get("belady_loads") is None or base is None or not costs:
+        return None
+    seconds = max(base["seconds"], row["belady_loads"] * costs["load_ms"] / 1e3)
+    return row["new_tokens"] / seconds if seconds > 0 else None
 
 
 def _by_point(rows: list[dict]) -> list[list[dict]]:

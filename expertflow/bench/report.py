@@ -14,24 +14,28 @@ from pathlib import Path
 from expertflow.cli.report import human_bytes
 
 COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "prefill s", "decode tokens/s",
-           "decode vs all-in-memory", "hit ratio", "loads",
+           "decode vs all-in-memory", "hit ratio", "loads", "loads / Belady", "Belady ceiling tokens/s",
            "peak fast tier", "peak RSS", "same tokens")
 JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "prefill_seconds",
                "decode_tokens_per_s", "tokens_per_s_runs", "peak_expert_bytes",
-               "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "same_tokens")
+               "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "belady_loads",
+               "loads_vs_belady", "belady_ceiling_tokens_per_s", "same_tokens")
 
 
 def table_rows(doc: dict) -> list[tuple]:
     rows = []
     for r in doc["results"]:
-        base = _all_in_memory(doc, r["batch_size"])
+        base = all_in_memory_row(doc["results"], r["batch_size"])
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         decode = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" \
             if base and base["decode_tokens_per_s"] > 0 else "-"
         size = "all" if r["system"] == "all-in-memory" else f"{r['cache_experts']} ({r['cache_share']:.0%})"
         hits = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
+        vs_belady = "-" if r.get("loads_vs_belady") is None else f"{r['loads_vs_belady']:.2f}x"
+        ceiling = "-" if r.get("belady_ceiling_tokens_per_s") is None else f"{r['belady_ceiling_tokens_per_s']:.1f}"
         rows.append((r["system"], size, r["batch_size"], f"{r['tokens_per_s']:.1f}", speed,
                      f"{r['prefill_seconds']:.2f}", f"{r['decode_tokens_per_s']:.1f}", decode, hits, r["expert_loads"],
+                     vs_belady, ceiling,
                      human_bytes(r["peak_fast_tier_bytes"]), human_bytes(r["peak_rss_bytes"]),
                      "yes" if r["same_tokens"] else f"no ({r['mismatched_sequences']} differ)"))
     return rows
@@ -76,8 +80,9 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
-def _all_in_memory(doc: dict, batch: int) -> dict | None:
-    return next((r for r in doc["results"] if r["system"] == "all-in-memory" and r["batch_size"] == batch), None)
+def all_in_memory_row(results: list[dict], batch: int) -> dict | None:
+    """The all-in-memory run at `batch`: every other row's speed is compared with it."""
+    return next((r for r in results if r["system"] == "all-in-memory" and r["batch_size"] == batch), None)
 
 
 def _setup_value(value: object) -> str:

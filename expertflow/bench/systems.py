@@ -5,6 +5,8 @@ Every system decodes the same prompt ids greedily for the same number of new tok
 token scheduler of its own (`expertflow`). After the timed run, the same batches are run once more for
 one new token each: that pass's time is the run's prefill cost (time to first token), the same way for
 every system, so decode throughput can be told apart from prompt processing. Its loads are not counted.
+An engine run also logs the timed run's demand uses and replays them through Belady's MIN from the cache
+state the run started in: the fewest loads any policy could have served that very routing with.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from expertflow.bench.spec import RunSpec
+from expertflow.simulator import belady_loads
 
 WARMUP_TOKENS = 2
 
@@ -29,6 +32,7 @@ class Measured:
     hit_ratio: float | None           # None: the system has no expert cache to hit
     expert_loads: int = 0
     bytes_moved: int = 0
+    belady_loads: int | None = None   # Belady's MIN over the timed run's demand uses (engine systems)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -59,25 +63,30 @@ def run_engine(spec: RunSpec) -> Measured:
     try:
         if decoder_only:
             model.generate_many(input_ids=spec.prompts[:1], batch_size=1, max_new_tokens=WARMUP_TOKENS)
+            resident, uses = model.cache.record_uses()
             start = time.perf_counter()
             out = model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, scheduler=spec.scheduler,
                                       schedule_unit=spec.schedule_unit, max_new_tokens=spec.max_new_tokens)
             seconds = time.perf_counter() - start
+            model.cache.stop_recording()
             sequences, stats, notes = out.sequences, out.stats, {
                 "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)}
             start = time.perf_counter()
             model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, max_new_tokens=1)
             prefill = time.perf_counter() - start
         else:  # encoder-decoder: no token scheduler yet, batches in prompt order
-            sequences, stats, seconds, prefill = _generate_in_order(model, spec)
+            sequences, stats, seconds, prefill, (resident, uses) = _generate_in_order(model, spec)
             notes = {"scheduler": "none (encoder-decoder: batches in prompt order)"}
     finally:
         model.close()
+    policy = model.cache.residency.policy
+    floor = belady_loads(uses, model.cache.residency.capacity, policy.layers, policy.num_experts, policy.top_k,
+                         resident)
     return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill,
                     peak_expert_bytes=stats.peak_expert_bytes,
                     resident_bytes=sum(p.numel() * p.element_size() for p in model.model.parameters()),
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
-                    expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved,
+                    expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved, belady_loads=floor,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
                            "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
                            "slow_tier_reads": model.engine.parts.store.read_method, **notes})
@@ -89,17 +98,19 @@ def _generate_in_order(model, spec: RunSpec):
 
     model.generate(input_ids=spec.prompts[:1], max_new_tokens=WARMUP_TOKENS)
     before = model.cache.figures()
+    log = model.cache.record_uses()
     sequences: list[list[int]] = []
     start = time.perf_counter()
     for batch in spec.batches():
         sequences += model.generate(input_ids=batch, max_new_tokens=spec.max_new_tokens).sequences
     seconds = time.perf_counter() - start
+    model.cache.stop_recording()
     stats = RunStats.between(before, model.cache.figures(), new_tokens=sum(map(len, sequences)),
                              prompt_tokens=sum(map(len, spec.prompts)), seconds=seconds, prefill_seconds=0.0)
     start = time.perf_counter()
     for batch in spec.batches():
         model.generate(input_ids=batch, max_new_tokens=1)
-    return sequences, stats, seconds, time.perf_counter() - start
+    return sequences, stats, seconds, time.perf_counter() - start, log
 
 
 def _run_transformers(spec: RunSpec) -> Measured:

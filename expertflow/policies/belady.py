@@ -2,6 +2,7 @@
 hands it the whole access sequence first; no online policy can load less for the same cache size.
 
 It follows the sequence with a cursor: every use (hit or demand load) is the next access of the sequence.
+A replay may start warm, from the residents a live run began with (`set_future(..., resident=...)`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ class BeladyPolicy(CachePolicy):
         self._following: list[float] = []   # index of the next access of the same key, per access
         self._cursor = 0
         self._next_use: dict[Key, float] = {}
+        self._warm: list[Key] = []
 
-    def set_future(self, accesses: Sequence[Key]) -> None:
-        """The complete sequence of demand uses this policy will see, in order."""
+    def set_future(self, accesses: Sequence[Key], resident: Sequence[Key] = ()) -> None:
+        """The complete sequence of demand uses this policy will see, in order, and the keys resident before
+        the first of them (loaded through `initial_residents`)."""
+        if len(set(resident)) != len(resident) or len(resident) > self.capacity:
+            raise ValueError(f"belady: {len(resident)} initial residents do not fit {self.capacity} distinct slots")
         self._accesses = list(accesses)
+        self._warm = list(resident)
         self._following = [_NEVER] * len(self._accesses)
         seen: dict[Key, int] = {}
         for i in range(len(self._accesses) - 1, -1, -1):
@@ -35,6 +41,10 @@ class BeladyPolicy(CachePolicy):
             self._following[i] = seen.get(key, _NEVER)
             seen[key] = i
         self._cursor = 0
+        self._first_use = {key: i for i, key in reversed(list(enumerate(self._accesses)))}
+
+    def initial_residents(self) -> list[Key]:
+        return list(self._warm)
 
     def _advance(self, key: Key) -> None:
         if self._accesses is None:
@@ -48,6 +58,10 @@ class BeladyPolicy(CachePolicy):
         self._advance(key)
 
     def on_load(self, key: Key) -> None:
+        if key in self._warm:  # a warm resident, loaded before the sequence starts
+            self._warm.remove(key)
+            self._next_use[key] = self._first_use.get(key, _NEVER)
+            return
         self._advance(key)
 
     def on_evict(self, key: Key) -> None:
