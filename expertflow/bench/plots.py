@@ -34,6 +34,15 @@ def _series(doc: dict, batch: int, system: str) -> tuple[list[float], list[float
     return [100 * r["cache_share"] for r in rows], [r["tokens_per_s"] for r in rows], [r["hit_ratio"] for r in rows]
 
 
+def _ceiling(doc: dict, batch: int) -> list[tuple[float, float]]:
+    """Per cache size, the median over engine runs of `belady_ceiling_tokens_per_s` (each run's own routing)."""
+    by_share: dict[float, list[float]] = {}
+    for r in doc["results"]:
+        if r["batch_size"] == batch and r.get("belady_ceiling_tokens_per_s"):
+            by_share.setdefault(100 * r["cache_share"], []).append(r["belady_ceiling_tokens_per_s"])
+    return [(share, sorted(v)[len(v) // 2]) for share, v in sorted(by_share.items())]
+
+
 def _batches(doc: dict) -> list[int]:
     return sorted({r["batch_size"] for r in doc["results"]})
 
@@ -54,6 +63,9 @@ def _throughput(doc: dict):
                 ax.axhline(speeds[0], color="black", linestyle="--", label="all-in-memory")
             elif speeds:
                 ax.plot(shares, speeds, marker="o", label=system)
+        ceiling = _ceiling(doc, batch)
+        if ceiling:
+            ax.plot(*zip(*ceiling), color="grey", linestyle=":", marker="_", label="Belady ceiling")
         ax.set(title=f"batch {batch}", xlabel="cache size (% of experts)", ylabel="tokens/s")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
