@@ -99,3 +99,21 @@ def test_accelerate_under_the_bound_gives_the_reference_tokens(tiny_mixtral_dir:
     else:
         assert notes["offload_reads"].startswith("page cache (not bypassed; unbounded: ")
         assert notes["memory_limit_bytes"] is None
+
+
+def test_an_accelerate_run_killed_under_its_limit_is_a_one_line_error(monkeypatch, tmp_path: Path) -> None:
+    import subprocess
+    import signal
+
+    from expertflow.errors import ExpertflowError
+
+    def killed(*args, **kwargs):
+        return subprocess.CompletedProcess(args, -signal.SIGKILL, stdout="", stderr="Loading weights: 12%\n")
+
+    monkeypatch.setattr(subprocess, "run", killed)
+    spec = RunSpec(system="accelerate", model=str(tmp_path), cache_experts=6, batch_size=4, prompts=[[5]],
+                   max_new_tokens=2, drop_page_cache=True)
+    with pytest.raises(ExpertflowError, match=r"^bench run accelerate \(cache 6, batch 4\) was killed, most likely by "
+                                              r"its memory cgroup's limit .*rerun with --page-cache") as e:
+        measure(spec)
+    assert "\n" not in str(e.value)
