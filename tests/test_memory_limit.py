@@ -37,6 +37,16 @@ def test_joins_a_child_of_its_own_v1_group_with_the_limit_and_moves_back(tmp_pat
     assert held.bounded and held.peak_bytes() == 123 * MiB         # the peak outlives the group
 
 
+def test_a_v2_only_process_caps_memory_max(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    (root / "unified" / "jobs" / "mine").mkdir(parents=True)
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text("0::/jobs/mine\n")
+    with MemoryLimit(64 * MiB, root=root, proc_cgroup=proc, name="run") as held:
+        assert (root / "unified" / "jobs" / "mine" / "run" / "memory.max").read_text() == str(64 * MiB)
+    assert held.method == "cgroup v2 memory.max = 64 MiB, page cache included"
+
+
 def test_without_a_writable_memory_hierarchy_the_run_is_unbounded_and_says_why(tmp_path: Path) -> None:
     root, proc = _fake_v1(tmp_path)
     proc.write_text("9:name=systemd:/\n")
