@@ -122,7 +122,7 @@ def _remove(group: Path) -> None:
     try:
         group.rmdir()
     except OSError:
-        pass  # still charged or populated: the kernel frees an empty group's directory when asked again
+        pass  # still populated (leaving failed): the empty-of-us group stays behind; nothing reads it again
 
 
 def drop_cached(paths: Iterable[Path]) -> None:
