@@ -25,7 +25,8 @@ class BeladyPolicy(CachePolicy):
         self._following: list[float] = []   # index of the next access of the same key, per access
         self._cursor = 0
         self._next_use: dict[Key, float] = {}
-        self._warm: list[Key] = []
+        self._warm: list[Key] = []          # residents before the first access, not yet loaded
+        self._first_use: dict[Key, int] = {}
 
     def set_future(self, accesses: Sequence[Key], resident: Sequence[Key] = ()) -> None:
         """The complete sequence of demand uses this policy will see, in order, and the keys resident before
@@ -41,7 +42,7 @@ class BeladyPolicy(CachePolicy):
             self._following[i] = seen.get(key, _NEVER)
             seen[key] = i
         self._cursor = 0
-        self._first_use = {key: i for i, key in reversed(list(enumerate(self._accesses)))}
+        self._first_use = seen  # after the backward pass: each key's first access
 
     def initial_residents(self) -> list[Key]:
         return list(self._warm)
