@@ -135,19 +135,26 @@ class ExpertflowModel:
 
 
 def from_pretrained(path: str | Path | None = None, *, cache_experts: int | None = None,
-                    cache_bytes: int | str | None = None, policy: str | None = None, store: str = "host",
+                    cache_bytes: int | str | None = None, memory_budget: int | str | None = None,
+                    policy: str | None = None, store: str = "host",
                     device: str = "cpu", dtype: str = "float32", predictor: str | Path | Predictor | None = None,
                     transfer_ratio: float | None = None,
                     policy_settings: dict[str, float] | None = None) -> ExpertflowModel:
     """Load an MoE checkpoint with offloaded experts. Without `path`, the embedded tiny-mixtral-32e.
 
+    The fast-tier budget is one of `cache_experts` (slots), `cache_bytes` (bytes of expert slots) or
+    `memory_budget` (bytes of the whole fast tier: non-expert weights, then expert slots); sizes may be
+    written like "2GiB".
     `predictor`: a trained RPP directory, or an object with `predict`/`predict_next` (policy expertflow).
     `policy_settings`: the policy's knobs, e.g. {"threshold": 0.2} for expertflow (PLECConfig)."""
     if isinstance(cache_bytes, str):
         cache_bytes = parse_size(cache_bytes)
+    if isinstance(memory_budget, str):
+        memory_budget = parse_size(memory_budget)
     kwargs = {"model": Path(path)} if path is not None else {}
     given = predictor if predictor is not None and not isinstance(predictor, (str, Path)) else None
-    config = EngineConfig(**kwargs, cache_experts=cache_experts, cache_bytes=cache_bytes, policy=policy,
+    config = EngineConfig(**kwargs, cache_experts=cache_experts, cache_bytes=cache_bytes,
+                          memory_budget=memory_budget, policy=policy,
                           store=store, device=device, dtype=dtype, transfer_ratio=transfer_ratio,
                           predictor=Path(predictor) if isinstance(predictor, (str, Path)) else None,
                           policy_settings=dict(policy_settings or {}))

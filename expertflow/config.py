@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +29,23 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 @dataclass
 class EngineConfig:
     """What to run and under which fast-tier budget.
 
-    Without a cache size the policy defaults to `none` (every expert resident); with one, to `lru`.
+    The budget is one of: expert slots (`cache_experts`), bytes for expert slots (`cache_bytes`), or bytes
+    for the whole fast tier (`memory_budget`: every non-expert weight, then as many expert slots as fit).
+    Without one the policy defaults to `none` (every expert resident); with one, to `lru`.
     """
 
     model: Path = EMBEDDED_MODEL_DIR
     cache_experts: int | None = None
     cache_bytes: int | None = None
+    memory_budget: int | None = None
     policy: str | None = None
     store: str = "host"
     device: str = "cpu"
@@ -61,12 +69,16 @@ class EngineConfig:
             raise ExpertflowError(f"--transfer-ratio must be positive (expert loads per layer), got {self.transfer_ratio}")
         if not self.model.is_dir():
             raise ExpertflowError(f"model directory {self.model} does not exist; pass --model DIR of a saved checkpoint")
-        if self.cache_experts is not None and self.cache_bytes is not None:
-            raise ExpertflowError("give either --cache-experts or --cache-bytes, not both")
+        budgets = [flag for flag, value in (("--cache-experts", self.cache_experts), ("--cache-bytes", self.cache_bytes),
+                                            ("--memory-budget", self.memory_budget)) if value is not None]
+        if len(budgets) > 1:
+            raise ExpertflowError(f"give one fast-tier budget, not both {budgets[0]} and {budgets[1]}")
         if self.cache_experts is not None and self.cache_experts < 1:
             raise ExpertflowError(f"--cache-experts must be at least 1, got {self.cache_experts}")
         if self.cache_bytes is not None and self.cache_bytes < 1:
             raise ExpertflowError(f"--cache-bytes must be positive, got {self.cache_bytes}")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ExpertflowError(f"--memory-budget must be positive, got {self.memory_budget}")
         if self.store not in STORE_NAMES:
             raise ExpertflowError(f"unknown store {self.store!r}; choose one of {', '.join(STORE_NAMES)}")
         if self.io_threads < 1:
@@ -81,7 +93,7 @@ class EngineConfig:
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if self.policy is None:
-            self.policy = "none" if self.cache_experts is None and self.cache_bytes is None else "lru"
+            self.policy = "none" if not budgets else "lru"
         policy_settings(self.policy, self.policy_settings)  # fails now, naming the knob, not at load time
         if self.predictor is None and self._embedded_model() and policy_class(self.policy).uses_forecast:
             self.predictor = EMBEDDED_PREDICTOR_DIR  # shipped with the package for exactly this model
@@ -97,10 +109,21 @@ class EngineConfig:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
-    def capacity(self, num_experts_total: int, expert_bytes: int) -> int:
-        """Cache slots this budget buys: explicit count, bytes // expert size, or every expert."""
+    def capacity(self, num_experts_total: int, expert_bytes: int, resident_bytes: int, minimum: int) -> int:
+        """Cache slots this budget buys: explicit count, bytes // expert size, what the whole-tier budget
+        leaves after the `resident_bytes` of non-expert weights (at most every expert), or every expert.
+        `minimum`: the policy's fewest slots, which a memory budget must leave room for."""
         if self.cache_experts is not None:
             return self.cache_experts
         if self.cache_bytes is not None:
             return self.cache_bytes // expert_bytes
+        if self.memory_budget is not None:
+            slots = max(self.memory_budget - resident_bytes, 0) // expert_bytes
+            if slots < minimum:
+                needed = resident_bytes + minimum * expert_bytes
+                raise ExpertflowError(
+                    f"--memory-budget {_mib(self.memory_budget)} leaves room for {slots} experts after "
+                    f"{_mib(resident_bytes)} of non-expert weights; policy {self.policy!r} needs {minimum} "
+                    f"({_mib(expert_bytes)} each): use --memory-budget {math.ceil(needed / 2**20)}MiB or more")
+            return min(slots, num_experts_total)
         return num_experts_total

@@ -8,8 +8,10 @@ model. Experts stay in the store (host memory or the safetensors files) until th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
+import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -20,7 +22,7 @@ from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.experts import OffloadedExperts, RoutingObserver
-from expertflow.policies import CachePolicy, build_policy
+from expertflow.policies import CachePolicy, build_policy, policy_class
 from expertflow.residency import Residency
 from expertflow.store import STORES, ExpertStore
 
@@ -63,7 +65,9 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
 
     # The policy checks the budget before any expert is read, so a bad budget fails fast.
     expert_bytes = adapter.layout.nbytes(config.torch_dtype)
-    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes)
+    minimum = policy_class(config.policy).min_capacity(layers, adapter.num_experts, adapter.top_k)
+    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes,
+                               resident_bytes(model, adapter, checkpoint, config), minimum)
     policy = build_policy(config.policy, capacity, layers, adapter.num_experts, adapter.top_k,
                           config.policy_settings)
     if policy.needs_future:
@@ -85,6 +89,21 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     return OffloadedModel(model=model, adapter=adapter, layers=layers, store=store, cache=cache, policy=policy,
                           tokenizer=_tokenizer(config), eos_token_ids=eos, pad_token_id=pad,
                           name=config.model.name)
+
+
+def resident_bytes(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> int:
+    """Fast-tier bytes of every non-expert weight the model will load, at the engine's dtype: what a
+    `memory_budget` holds before any expert slot. Counted off the checkpoint (tied weights are stored once),
+    the tensors `_load_resident_weights` reads, so nothing is loaded."""
+    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    size = torch.empty((), dtype=config.torch_dtype).element_size()
+    total = 0
+    for key in checkpoint.keys():
+        if adapter.is_expert_tensor(key) or adapter.module_key(key) not in wanted:
+            continue
+        extent = checkpoint.extent_of(key)
+        total += math.prod(extent.shape) * (size if extent.dtype.is_floating_point else extent.dtype.itemsize)
+    return total
 
 
 def _load_resident_weights(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> None:

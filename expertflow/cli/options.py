@@ -19,6 +19,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--cache-experts", type=int, default=None, metavar="N", help="fast-tier expert slots")
     budget.add_argument("--cache-bytes", type=str, default=None, metavar="SIZE",
                         help="fast-tier budget for experts, e.g. 2GiB, 300MB")
+    budget.add_argument("--memory-budget", type=str, default=None, metavar="SIZE",
+                        help="fast-tier budget for the whole model, e.g. 2GiB: the non-expert weights, then as "
+                             "many expert slots as fit")
     parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
                         help="cache policy (default: none without a budget, lru with one)")
     parser.add_argument("--store", choices=("host", "disk"), default="host", help="slow tier for experts")
@@ -49,6 +52,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         **model,
         cache_experts=args.cache_experts,
         cache_bytes=parse_size(args.cache_bytes) if args.cache_bytes is not None else None,
+        memory_budget=parse_size(args.memory_budget) if args.memory_budget is not None else None,
         policy=args.policy, store=args.store, device=args.device, dtype=args.dtype,
         predictor=args.predictor, transfer_ratio=args.transfer_ratio, drop_page_cache=args.disk_direct,
         io_threads=args.io_threads, policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting),

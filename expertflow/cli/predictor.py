@@ -26,7 +26,7 @@ TRAINING_NAME = "training.json"
 _MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "window", "head_hidden",
                 "dropout")
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed", "max_length",
-                "freeze_embeddings", "distill_weight", "distill_temperature")
+                "freeze_embeddings", "distill_weight", "distill_temperature", "listwise_weight")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the traced MoE model: add a KL term to its router softmax (soft targets; the whole "
                         "model is loaded in memory once to compute them)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("d-model", int), ("d-ff", int),
+    for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("listwise-weight", float),
+                       ("d-model", int), ("d-ff", int),
                        ("num-heads", int), ("encoder-layers", int),
                        ("decoder-layers", int), ("window", int), ("head-hidden", int), ("dropout", float), ("epochs", int),
                        ("batch-size", int), ("lr", float), ("weight-decay", float), ("val-fraction", float),

@@ -44,6 +44,7 @@ class TrainConfig:
     freeze_embeddings: bool = False  # keep initial (MoE) embeddings fixed: unseen tokens stay consistent
     distill_weight: float = 1.0   # weight of the KL term to the MoE model's router softmax (with a teacher)
     distill_temperature: float = 1.0
+    listwise_weight: float = 0.0  # weight of a softmax cross-entropy over each layer's experts (see _loss)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.listwise_weight < 0:
+            raise ValueError(f"listwise_weight must be >= 0, got {self.listwise_weight}")
         if self.distill_weight < 0 or self.distill_temperature <= 0:
             raise ValueError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
                              f"{self.distill_weight}, {self.distill_temperature}")
@@ -153,6 +156,12 @@ def _loss(model: RoutingPathModel, batch: list, num_experts: int, config: TrainC
                       log_target=True, reduction="none").sum(-1) * (t * t / num_experts)   # (B, S, L)
         loss = bce + config.distill_weight * (kl * valid).sum() / count
     k = model.config.top_k
+    if config.listwise_weight > 0:
+        # The evaluation and the cache read each token's top-k: a softmax over the layer's experts with the
+        # routed set as its target ranks them against each other, which the per-expert BCE does only
+        # indirectly. Shift-invariant, so the BCE alone still sets the logits' calibration.
+        listwise = -(targets * F.log_softmax(logits, -1)).sum(-1) / k                 # (B, S, L)
+        loss = loss + config.listwise_weight * (listwise * valid).sum() / count
     top = logits.topk(k, dim=-1).indices                                        # (B, S, L, K)
     hits = targets.gather(-1, top).sum(-1) / k                                  # (B, S, L) top-k recall
     return loss, (hits * valid).sum(), int(valid.sum()), bce
