@@ -67,7 +67,7 @@ def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Pa
 
 @pytest.mark.parametrize("text", ["0", "-3", "150%", "ten", "5.5"])
 def test_bad_cache_sizes_are_one_line_errors(text: str) -> None:
-    with pytest.raises(ExpertflowError, match="cache size"):
+    with pytest.raises(ExpertflowError, match="--cache-experts"):
         CacheSize.parse(text)
 
 

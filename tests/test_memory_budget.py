@@ -7,6 +7,8 @@ import math
 import pytest
 
 import expertflow
+from expertflow.bench.harness import ModelShape, _size_note, cache_slots, model_shape, plan_runs
+from expertflow.bench.spec import BenchConfig, CacheSize
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from tests.reference import reference_generate
@@ -63,3 +65,41 @@ def test_cli_too_small_is_one_line(capsys, tiny_mixtral_dir):
     rc, _, err = _run(capsys, "generate", "--model", str(tiny_mixtral_dir), "--memory-budget", "1KiB",
                       "--prompt", "hi", "--max-new-tokens", "2")
     _assert_one_line_error(rc, err, "--memory-budget 0.00 MiB leaves room for 0 experts")
+
+
+# The bench's --memory-budget: whole-tier shares of the all-in-memory footprint, as slots.
+SHAPE = ModelShape(moe_layers=4, experts=8, top_k=2, expert_bytes=1000, resident_bytes=500)  # 32 experts, 32,500 B
+
+
+@pytest.mark.parametrize("text, slots", [("10%", 2), ("50%", 15), ("100%", 32), ("20000B", 19),
+                                         ("1MiB", 32)])
+def test_bench_memory_budget_slots(text, slots):
+    # 10% of 32,500 B is 3,250 B: 2,750 B after the resident 500 buys 2 slots, below the 8 one token needs.
+    if slots < SHAPE.min_cache:
+        with pytest.raises(ExpertflowError, match=r"--memory-budget 10% leaves room for 2 experts after 0.00 MiB .* "
+                                                  r"needs at least 8"):
+            cache_slots(CacheSize.parse(text, whole_tier=True), SHAPE)
+        return
+    assert cache_slots(CacheSize.parse(text, whole_tier=True), SHAPE) == slots
+
+
+def test_bench_memory_budget_reaches_the_runs_and_the_setup(tiny_mixtral_dir, tmp_path):
+    shape = model_shape(tiny_mixtral_dir)
+    whole = shape.resident_bytes + shape.total_experts * shape.expert_bytes
+    config = BenchConfig(model=tiny_mixtral_dir, systems=["all-in-memory", "lru"], batch_sizes=[1], out=tmp_path,
+                         cache_sizes=[CacheSize.parse("60%", whole_tier=True)])
+    runs = plan_runs(config, shape, [[5, 6, 7]], str(tmp_path))
+    expected = (int(whole * 0.6) - shape.resident_bytes) // shape.expert_bytes
+    assert [r.cache_experts for r in runs] == [None, expected]
+    note = _size_note(config.cache_sizes[0], shape)
+    assert note == {"asked": "60%", "kind": "memory budget", "cache_experts": expected,
+                    "memory_budget_bytes": int(whole * 0.6)}
+    assert shape.resident_bytes + expected * shape.expert_bytes <= note["memory_budget_bytes"]
+
+
+@pytest.mark.parametrize("text, needle", [("ten%", "cannot read --memory-budget 'ten%'"),
+                                          ("0%", "must be a positive count or a share"),
+                                          ("lots", "cannot read size 'lots'")])
+def test_bench_memory_budget_bad_text(text, needle):
+    with pytest.raises(ExpertflowError, match=needle):
+        CacheSize.parse(text, whole_tier=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from expertflow.bench.report import all_in_memory_row
-from expertflow.bench.spec import BenchConfig, RunSpec
+from expertflow.bench.spec import BenchConfig, CacheSize, RunSpec
 from expertflow.bench.systems import SYSTEMS
 from expertflow.conformance import inspect_model
 from expertflow.errors import ExpertflowError
@@ -27,6 +27,8 @@ class ModelShape:
     moe_layers: int
     experts: int
     top_k: int
+    expert_bytes: int = 0     # one expert, as stored
+    resident_bytes: int = 0   # every non-expert weight, as stored
 
     @property
     def total_experts(self) -> int:
@@ -40,7 +42,12 @@ class ModelShape:
 def model_shape(model_dir: Path) -> ModelShape:
     """MoE layers (every stack), experts per layer and top-k, as the adapter finds them: no weights read."""
     report = inspect_model(model_dir)
-    return ModelShape(len(report.moe_layers), report.experts_per_layer, report.top_k)
+    return ModelShape(len(report.moe_layers), report.experts_per_layer, report.top_k, report.expert_bytes,
+                      report.resident_bytes)
+
+
+def cache_slots(size: CacheSize, shape: ModelShape) -> int:
+    return size.experts(shape.total_experts, shape.min_cache, shape.expert_bytes, shape.resident_bytes)
 
 
 def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], offload_dir: str) -> list[RunSpec]:
@@ -48,7 +55,7 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
     runs = []
     for batch in config.batch_sizes:
         for name in config.systems:
-            sizes = [s.experts(shape.total_experts, shape.min_cache) for s in config.cache_sizes]
+            sizes = [cache_slots(s, shape) for s in config.cache_sizes]
             for experts in dict.fromkeys(sizes) if SYSTEMS[name].uses_cache_size else [None]:
                 runs.append(RunSpec(
                     system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
@@ -169,6 +176,15 @@ def _reference(rows: list[dict]) -> list[list[int]]:
     return rows[0]["sequences"]
 
 
+def _size_note(size: CacheSize, shape: ModelShape) -> dict:
+    """How a requested size became slots; a whole-tier budget also says its bytes."""
+    note = {"asked": size.text, "kind": "memory budget" if size.whole_tier else "expert slots",
+            "cache_experts": cache_slots(size, shape)}
+    if size.whole_tier:
+        note["memory_budget_bytes"] = size.budget_bytes(shape.total_experts * shape.expert_bytes + shape.resident_bytes)
+    return note
+
+
 def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], rows: list[dict]) -> dict:
     # What the engine's stores reported (O_DIRECT or not depends on the file system); else what was asked for.
     reads = sorted({row["notes"]["slow_tier_reads"] for row in rows if "slow_tier_reads" in row["notes"]})
@@ -181,6 +197,7 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
         "policy_settings": config.policy_settings,  # the expertflow system's PLECConfig knobs ({}: defaults)
         "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
+        "cache_sizes": [_size_note(size, shape) for size in config.cache_sizes],
         "disk_reads": "; ".join(reads) if reads else
                       ("page cache bypassed" if config.store == "disk" and config.drop_page_cache else
                        "through the OS page cache" if config.store == "disk" else "host RAM store (no disk)"),

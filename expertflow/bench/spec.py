@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from expertflow.config import parse_size
 from expertflow.errors import ExpertflowError
 from expertflow.policies import policy_settings
 
@@ -18,26 +19,50 @@ STORE_NAMES = ("host", "disk")
 
 @dataclass(frozen=True)
 class CacheSize:
-    """A fast-tier budget in experts: an absolute count, or a fraction of every expert the model has."""
+    """A fast-tier budget: expert slots (an absolute count, or a share of every expert the model has), or,
+    with `whole_tier`, bytes for the whole fast tier (a size, or a share of the all-in-memory footprint:
+    every weight resident), of which the non-expert weights come first and the rest buys expert slots."""
 
     text: str
+    whole_tier: bool = False
 
-    def experts(self, total: int, minimum: int) -> int:
-        """Slots for a model with `total` experts; never below `minimum` (one token's experts per layer)."""
+    def experts(self, total: int, minimum: int, expert_bytes: int = 0, resident_bytes: int = 0) -> int:
+        """Slots for a model with `total` experts of `expert_bytes` each and `resident_bytes` of other weights;
+        a share of experts is never below `minimum` (one token's experts per layer), a memory budget that
+        leaves fewer fails."""
+        if not self.whole_tier:
+            if self.text.endswith("%"):
+                return max(round(total * float(self.text[:-1]) / 100), minimum)
+            return int(self.text)
+        slots = max(self.budget_bytes(total * expert_bytes + resident_bytes) - resident_bytes, 0) // expert_bytes
+        if slots < minimum:
+            raise ExpertflowError(f"--memory-budget {self.text} leaves room for {slots} experts after "
+                                  f"{resident_bytes / 2**20:.2f} MiB of non-expert weights; the bench needs at least "
+                                  f"{minimum} (one token's experts in every layer)")
+        return min(slots, total)
+
+    def budget_bytes(self, all_in_memory_bytes: int) -> int:
+        """A whole-tier budget in bytes, for a model of `all_in_memory_bytes`."""
         if self.text.endswith("%"):
-            return max(round(total * float(self.text[:-1]) / 100), minimum)
-        return int(self.text)
+            return int(all_in_memory_bytes * float(self.text[:-1]) / 100)
+        return parse_size(self.text)
 
     @classmethod
-    def parse(cls, text: str) -> "CacheSize":
+    def parse(cls, text: str, whole_tier: bool = False) -> "CacheSize":
         text = text.strip()
+        flag = "--memory-budget" if whole_tier else "--cache-experts"
+        if whole_tier and not text.endswith("%"):
+            if parse_size(text) < 1:
+                raise ExpertflowError(f"{flag} {text!r} must be positive")
+            return cls(text, whole_tier)
         try:
             value = float(text[:-1]) if text.endswith("%") else int(text)
         except ValueError:
-            raise ExpertflowError(f"cannot read cache size {text!r}; write a count like 26 or a share like 10%") from None
+            example = "a size like 200MiB or a share like 10%" if whole_tier else "a count like 26 or a share like 10%"
+            raise ExpertflowError(f"cannot read {flag} {text!r}; write {example}") from None
         if value <= 0 or (text.endswith("%") and value > 100):
-            raise ExpertflowError(f"cache size {text!r} must be a positive count or a share in (0, 100]%")
-        return cls(text)
+            raise ExpertflowError(f"{flag} {text!r} must be a positive count or a share in (0, 100]%")
+        return cls(text, whole_tier)
 
 
 @dataclass

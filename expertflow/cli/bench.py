@@ -36,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     p.add_argument("--prompts", type=int, default=16, help="number of prompts (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--cache-experts", default="10%,25%", help="fast-tier slots, counts or %% of experts: 10%%,64")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--cache-experts", default=None, help="fast-tier slots, counts or %% of experts: 10%%,64 "
+                       "(default 10%%,25%%)")
+    sizes.add_argument("--memory-budget", default=None, metavar="SIZES",
+                       help="whole fast-tier budgets instead, sizes or %% of the all-in-memory footprint: 10%%,200MiB; "
+                            "the non-expert weights come first, the rest buys expert slots")
     p.add_argument("--batch-size", default="1,4,16", help="sequences decoded together: 1,4,16")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated from {', '.join(SYSTEMS)}")
     p.add_argument("--store", choices=("disk", "host"), default="disk", help="slow tier for engine systems")
@@ -68,12 +73,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _cache_sizes(args: argparse.Namespace) -> list[CacheSize]:
+    if args.memory_budget is not None:
+        return [CacheSize.parse(s, whole_tier=True) for s in _names(args.memory_budget)]
+    return [CacheSize.parse(s) for s in _names(args.cache_experts or "10%,25%")]
+
+
 def run(args: argparse.Namespace) -> int:
     model = _widened(args) if args.widen is not None else args.model
     torch.set_num_threads(max(args.threads, 1))
     costs = measure_expert_costs(model) if args.store == "disk" else None
     config = BenchConfig(
-        model=model, systems=_names(args.systems), cache_sizes=[CacheSize.parse(s) for s in _names(args.cache_experts)],
+        model=model, systems=_names(args.systems), cache_sizes=_cache_sizes(args),
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
         drop_page_cache=not args.page_cache, predictor=args.predictor,
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
