@@ -199,3 +199,25 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
 def test_reading_a_wrong_file_raises_expertflow_error(tmp_path: Path) -> None:
     with pytest.raises(ExpertflowError):
         load_model(tmp_path)
+
+
+def test_listwise_term_adds_the_softmax_cross_entropy_of_the_routed_set() -> None:
+    """loss(listwise w) - loss(0) = w x mean over scored (position, layer) of -sum_routed log softmax / K."""
+    from expertflow.predictor.train import _loss, _pieces
+
+    torch.manual_seed(0)
+    model = RoutingPathModel(PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, **SMALL))
+    batch = _pieces(synthetic_traces(3).sequences, 512)
+    plain, _, _, bce = _loss(model, batch, E, TrainConfig())
+    with_term, _, _, bce_again = _loss(model, batch, E, TrainConfig(listwise_weight=0.5))
+    torch.testing.assert_close(bce, bce_again)
+    torch.testing.assert_close(plain, bce)
+    by_hand = []
+    for ids, routing, _ in batch:
+        log_p = torch.log_softmax(model(torch.from_numpy(ids.astype(np.int64))[None])[0], -1)   # (S, L, E)
+        for t in range(len(ids)):
+            for layer in range(L):
+                by_hand.append(-sum(log_p[t, layer, int(e)] for e in routing[t, layer]) / K)
+    torch.testing.assert_close(with_term - plain, 0.5 * torch.stack(by_hand).mean())
+    with pytest.raises(ValueError, match="listwise_weight must be >= 0"):
+        TrainConfig(listwise_weight=-1.0)
