@@ -14,7 +14,7 @@ from expertflow.simulator import Forward, replay_forward
 
 
 def test_defaults_are_the_values_the_figures_were_measured_with():
-    assert PLECConfig() == PLECConfig(threshold=0.5, beta=0.9, decay=0.9, lead=None)
+    assert PLECConfig() == PLECConfig(threshold=0.5, beta=0.97, decay=0.95, lead=None)
     policy = PLECPolicy(4, [0, 1], 8, 2)
     assert policy.config == PLECConfig()
     policy.set_transfer_time(1 / 15)  # the simulator figures' transfer ratio: the lead they ran with, 1

@@ -45,8 +45,9 @@ class PLECConfig:
     """PLEC's knobs; the engine and the simulator run `PLECConfig()`, these defaults."""
 
     threshold: float = 0.5  # forecast probability worth a prefetch
-    beta: float = 0.9       # value discount per layer of distance to the use
-    decay: float = 0.9      # per-forward decay of the usage average u
+    beta: float = 0.97      # value discount per layer of distance to the use
+    decay: float = 0.95     # per-forward decay of the usage average u (beta and decay: 0.1-6% fewer replayed
+                            # loads than 0.9 / 0.9 on every eval point, docs/results/cache-policies.md, session 6)
     lead: int | None = None  # a prefetch that must evict waits until its layer is at most this many layers
                              # ahead; None: as many layers as one transfer takes (see `PLECPolicy.lead`)
 
