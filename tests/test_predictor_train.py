@@ -156,6 +156,16 @@ def test_train_and_eval_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
         assert {"b_acc", "precision", "recall", "f1", "per_layer"} <= set(method)
         assert len(method["per_layer"]) == L
 
+    # Without its tables (as the shipped predictor comes) the training traces rebuild the same baselines.
+    (tmp_path / "rpp" / "baselines.safetensors").unlink()
+    code, _, err = run_cli(["eval-predictor", "--predictor", str(tmp_path / "rpp"), "--traces", str(path)], capsys)
+    assert code == 2 and "pass --baseline-traces with its training traces" in err
+    code, out, _ = run_cli(["eval-predictor", "--predictor", str(tmp_path / "rpp"), "--traces", str(path),
+                            "--batch-size", "4", "--baseline-traces", str(path), "--json"], capsys)
+    rebuilt = json.loads(out.strip().splitlines()[-1])
+    for name in ("popularity", "lookup", "tlp", "slp"):
+        assert rebuilt[name]["b_acc"] == figures[name]["b_acc"]
+
 
 def test_training_goes_on_from_a_trained_predictor(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     traces = synthetic_traces(n=16)

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="sequences decoded together (default 1)")
     e.add_argument("--budget", type=int, default=None,
                    help="experts per layer for the fixed-budget metric (default: mean true batch demand)")
+    e.add_argument("--baseline-traces", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="build the popularity and lookup tables from these traces (the predictor's training "
+                        "traces) instead of the predictor directory's baselines.safetensors")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     e.set_defaults(func=run_eval)
@@ -174,8 +177,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     predictor = RoutingPredictor.load(args.predictor)
-    tables = BaselineTables.load(args.predictor)
     traces = read_traces(args.traces)
+    if args.baseline_traces:  # e.g. the shipped predictor, which carries no tables
+        tables = build_tables([read_traces(p) for p in args.baseline_traces], predictor.config.vocab_size)
+    else:
+        tables = BaselineTables.load(args.predictor)
     h, c = traces.header, predictor.config
     if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
         raise ExpertflowError(f"{args.traces} has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "

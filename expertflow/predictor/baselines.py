@@ -48,8 +48,8 @@ class BaselineTables:
     def load(cls, directory: Path) -> "BaselineTables":
         path = directory / BASELINES_NAME
         if not path.is_file():
-            raise ExpertflowError(f"{directory}: no {BASELINES_NAME} (popularity/lookup tables); "
-                                  "retrain with `expertflow train-predictor`")
+            raise ExpertflowError(f"{directory}: no {BASELINES_NAME} (popularity/lookup tables); pass "
+                                  "--baseline-traces with its training traces, or retrain with `expertflow train-predictor`")
         t = load_file(str(path))
         return cls(t["popularity"], t["pair_keys"], t["pair_experts"], t["token_experts"],
                    vocab_size=len(t["token_experts"]))
