@@ -29,6 +29,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def slots_within(memory_budget: int, resident_bytes: int, expert_bytes: int) -> int:
+    """Expert slots a whole fast-tier budget buys once the non-expert weights are in."""
+    return max(memory_budget - resident_bytes, 0) // expert_bytes
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -118,7 +123,7 @@ class EngineConfig:
         if self.cache_bytes is not None:
             return self.cache_bytes // expert_bytes
         if self.memory_budget is not None:
-            slots = max(self.memory_budget - resident_bytes, 0) // expert_bytes
+            slots = slots_within(self.memory_budget, resident_bytes, expert_bytes)
             if slots < minimum:
                 needed = resident_bytes + minimum * expert_bytes
                 raise ExpertflowError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from expertflow.config import parse_size
+from expertflow.config import parse_size, slots_within
 from expertflow.errors import ExpertflowError
 from expertflow.policies import policy_settings
 
@@ -34,7 +34,7 @@ class CacheSize:
             if self.text.endswith("%"):
                 return max(round(total * float(self.text[:-1]) / 100), minimum)
             return int(self.text)
-        slots = max(self.budget_bytes(total * expert_bytes + resident_bytes) - resident_bytes, 0) // expert_bytes
+        slots = slots_within(self.budget_bytes(total * expert_bytes + resident_bytes), resident_bytes, expert_bytes)
         if slots < minimum:
             raise ExpertflowError(f"--memory-budget {self.text} leaves room for {slots} experts after "
                                   f"{resident_bytes / 2**20:.2f} MiB of non-expert weights; the bench needs at least "
