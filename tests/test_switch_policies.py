@@ -195,7 +195,8 @@ def test_forecast_keys_outside_the_forward_are_neither_planned_nor_prefetched():
     forecast = {(0, 1): 0.9, (1, 2): 0.95, (2, 3): 0.6, (3, 0): 0.99, (3, 1): 0.2}
     issued = planner.begin_step(forecast, DECODER)
     assert [key for key, _ in issued] == [(2, 3), (3, 0)]  # the encoder's likely keys wait for the encoder
-    assert planner.policy.value((0, 1)) == 0.0 and planner.policy.value((3, 0)) == pytest.approx(0.99 * 0.9**2)
+    beta = planner.policy.config.beta
+    assert planner.policy.value((0, 1)) == 0.0 and planner.policy.value((3, 0)) == pytest.approx(0.99 * beta**2)
     issued = planner.begin_step(forecast, ENCODER)
     assert [key for key, _ in issued] == [(0, 1), (1, 2)] and planner.residency.counters.prefetch_loads == 4
 
@@ -208,14 +209,16 @@ def _use(planner: CachePlanner, layer: int, expert: int) -> None:
 
 def test_plec_values_other_stack_keys_below_the_forwards_own_and_evicts_them_first():
     planner = _planner("expertflow", 4)
-    planner.begin_step(None)  # one forward over every layer: expert 0 of each, the same usage u = 0.1
+    planner.begin_step(None)  # one forward over every layer: expert 0 of each, the same usage u = 1 - decay
     for layer in range(LAYERS):
         _use(planner, layer, 0)
     planner.begin_step(None, DECODER)
-    policy, u = planner.policy, 0.1 * 0.9  # one forward of decay
+    policy = planner.policy
+    beta, decay = policy.config.beta, policy.config.decay
+    u = (1 - decay) * decay  # one forward of decay
     # Distances within the forward (2 layers, none run yet); the encoder's keys lie beyond it.
     assert [policy.value((layer, 0)) for layer in range(LAYERS)] == pytest.approx(
-        [u * 0.9**7, u * 0.9**7, u * 0.9**3, u * 0.9**4])
+        [u * beta**7, u * beta**7, u * beta**3, u * beta**4])
     _use(planner, 2, 1)  # a miss in a full cache: the victim is an encoder key, not a decoder one
     assert (0, 0) not in planner.residency and {(1, 0), (2, 0), (3, 0), (2, 1)} == set(planner.residency.slot_of)
 
