@@ -60,8 +60,9 @@ def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Pa
                          out=tmp_path)
     runs = plan_runs(config, model_shape(tiny_mixtral_dir), _prompts(), str(tmp_path))
     # 10% of 24 experts is below one token's experts in every layer (3 x top-2), so it is raised to 6.
+    # Systems without a cache first, then each size's systems back to back (closest in time).
     assert [(r.system, r.cache_experts) for r in runs] == [
-        ("all-in-memory", None), ("accelerate", 6), ("accelerate", 12), ("lru", 6), ("lru", 12)]
+        ("all-in-memory", None), ("accelerate", 6), ("lru", 6), ("accelerate", 12), ("lru", 12)]
     assert all(r.drop_page_cache and r.scheduler == "fifo" and r.io_threads == 1 for r in runs)
 
 

@@ -51,22 +51,21 @@ def cache_slots(size: CacheSize, shape: ModelShape) -> int:
 
 
 def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], offload_dir: str) -> list[RunSpec]:
-    """Batch size outermost, so a partial sweep still compares every system at the first batch size."""
-    runs = []
-    for batch in config.batch_sizes:
-        for name in config.systems:
-            sizes = [cache_slots(s, shape) for s in config.cache_sizes]
-            for experts in dict.fromkeys(sizes) if SYSTEMS[name].uses_cache_size else [None]:
-                runs.append(RunSpec(
-                    system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
-                    max_new_tokens=config.max_new_tokens, store=config.store,
-                    drop_page_cache=config.drop_page_cache and config.store == "disk",
-                    predictor=str(config.predictor) if config.predictor else None,
-                    scheduler=config.scheduler if name == "expertflow" else "fifo",
-                    schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
-                    policy_settings=config.policy_settings if name == "expertflow" else {},
-                    offload_dir=offload_dir))
-    return runs
+    """Batch size outermost, so a partial sweep still compares every system at the first batch size; within it
+    the systems without a cache first, then each cache size's systems back to back, so the runs a ratio
+    compares are the closest in time (this machine's disk speed drifts over minutes)."""
+    sizes = list(dict.fromkeys(cache_slots(s, shape) for s in config.cache_sizes))
+    uncached = [(name, None) for name in config.systems if not SYSTEMS[name].uses_cache_size]
+    cached = [(name, experts) for experts in sizes for name in config.systems if SYSTEMS[name].uses_cache_size]
+    return [RunSpec(
+        system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
+        max_new_tokens=config.max_new_tokens, store=config.store,
+        drop_page_cache=config.drop_page_cache and config.store == "disk",
+        predictor=str(config.predictor) if config.predictor else None,
+        scheduler=config.scheduler if name == "expertflow" else "fifo",
+        schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
+        policy_settings=config.policy_settings if name == "expertflow" else {},
+        offload_dir=offload_dir) for batch in config.batch_sizes for name, experts in uncached + cached]
 
 
 def measure(spec: RunSpec) -> dict:
