@@ -95,28 +95,27 @@ def resident_bytes(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint
     """Fast-tier bytes of every non-expert weight the model will load, at the engine's dtype: what a
     `memory_budget` holds before any expert slot. Counted off the checkpoint (tied weights are stored once),
     the tensors `_load_resident_weights` reads, so nothing is loaded."""
-    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     size = torch.empty((), dtype=config.torch_dtype).element_size()
     total = 0
-    for key in checkpoint.keys():
-        if adapter.is_expert_tensor(key) or adapter.module_key(key) not in wanted:
-            continue
+    for key, _ in _resident_keys(model, adapter, checkpoint):
         extent = checkpoint.extent_of(key)
         total += math.prod(extent.shape) * (size if extent.dtype.is_floating_point else extent.dtype.itemsize)
     return total
 
 
+def _resident_keys(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint) -> list[tuple[str, str]]:
+    """(checkpoint key, module key) of every non-expert tensor the skeleton has a parameter or buffer for."""
+    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    keys = [(key, adapter.module_key(key)) for key in checkpoint.keys() if not adapter.is_expert_tensor(key)]
+    return [(key, module_key) for key, module_key in keys if module_key in wanted]
+
+
 def _load_resident_weights(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> None:
     """Read every non-expert tensor into the skeleton; fail naming any weight the checkpoint lacks."""
-    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     state = {}
-    for key in checkpoint.keys():
-        if adapter.is_expert_tensor(key):
-            continue
-        module_key = adapter.module_key(key)
-        if module_key in wanted:
-            tensor = checkpoint.read(key)
-            state[module_key] = tensor.to(config.torch_dtype) if tensor.is_floating_point() else tensor
+    for key, module_key in _resident_keys(model, adapter, checkpoint):
+        tensor = checkpoint.read(key)
+        state[module_key] = tensor.to(config.torch_dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]
