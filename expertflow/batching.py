@@ -102,7 +102,8 @@ class BatchRunner:
         if failed:
             raise failed[0]
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(len(s.generated) for s in done),
-                                 prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0)
+                                 prompt_tokens=sum(map(len, prompts)), seconds=seconds, prefill_seconds=0.0,
+                                 resident_bytes=self.parts.resident_bytes)
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
                           activated_experts_per_batch=float(np.mean(session.distinct)) if session.distinct else 0.0,
                           decode_forwards=len(session.distinct), schedule_seconds=session.schedule_seconds,

@@ -140,7 +140,7 @@ class Engine:
 
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(map(len, generated)),
                                  prompt_tokens=sum(map(len, input_ids)), seconds=seconds,
-                                 prefill_seconds=prefill_seconds)
+                                 prefill_seconds=prefill_seconds, resident_bytes=self.parts.resident_bytes)
         return GenerationOutput(
             prompt_ids=[list(p) for p in input_ids], sequences=generated, stats=stats,
             routing=[np.concatenate(r) for r in routing] if record_routing else None, last_logits=logits,

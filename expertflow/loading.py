@@ -41,6 +41,7 @@ class OffloadedModel:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     name: str
+    resident_bytes: int = 0  # fast-tier bytes of every non-expert weight (what a memory budget holds first)
 
 
 def read_config(config: EngineConfig):
@@ -66,8 +67,8 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     # The policy checks the budget before any expert is read, so a bad budget fails fast.
     expert_bytes = adapter.layout.nbytes(config.torch_dtype)
     minimum = policy_class(config.policy).min_capacity(layers, adapter.num_experts, adapter.top_k)
-    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes,
-                               resident_bytes(model, adapter, checkpoint, config), minimum)
+    resident = resident_bytes(model, adapter, checkpoint, config)
+    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes, resident, minimum)
     policy = build_policy(config.policy, capacity, layers, adapter.num_experts, adapter.top_k,
                           config.policy_settings)
     if policy.needs_future:
@@ -88,7 +89,7 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     eos, pad = _special_tokens(config, hf_config)
     return OffloadedModel(model=model, adapter=adapter, layers=layers, store=store, cache=cache, policy=policy,
                           tokenizer=_tokenizer(config), eos_token_ids=eos, pad_token_id=pad,
-                          name=config.model.name)
+                          name=config.model.name, resident_bytes=resident)
 
 
 def resident_bytes(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> int:

@@ -100,7 +100,7 @@ class Seq2SeqEngine:
 
         stats = RunStats.between(before, self.parts.cache.figures(), new_tokens=sum(map(len, generated)),
                                  prompt_tokens=sum(map(len, input_ids)), seconds=seconds,
-                                 prefill_seconds=prefill_seconds)
+                                 prefill_seconds=prefill_seconds, resident_bytes=self.parts.resident_bytes)
         routing = ([self._routing_of(encoder[b, : len(p)], steps[b]) for b, p in enumerate(input_ids)]
                    if record_routing else None)
         return GenerationOutput(prompt_ids=[list(p) for p in input_ids], sequences=generated, stats=stats,

@@ -31,6 +31,12 @@ class RunStats:
     stale_prefetches: int = 0       # prefetches still unused when their forward ended
     reloads: int = 0                # loads of an expert evicted within the last few forwards
     transfer_wait_seconds: float = 0.0  # time layers spent waiting for background transfers
+    resident_bytes: int = 0         # fast-tier bytes of every non-expert weight
+
+    @property
+    def peak_fast_tier_bytes(self) -> int:
+        """Resident weights + peak expert slots: what a --memory-budget bounds."""
+        return self.resident_bytes + self.peak_expert_bytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -43,7 +49,7 @@ class RunStats:
 
     @classmethod
     def between(cls, before: CacheFigures, after: CacheFigures, *, new_tokens: int, prompt_tokens: int,
-                seconds: float, prefill_seconds: float) -> "RunStats":
+                seconds: float, prefill_seconds: float, resident_bytes: int = 0) -> "RunStats":
         delta = after.counters.minus(before.counters)
         return cls(
             new_tokens=new_tokens, prompt_tokens=prompt_tokens, seconds=seconds, prefill_seconds=prefill_seconds,
@@ -54,8 +60,9 @@ class RunStats:
             prefetch_hits=delta.prefetch_hits, correction_loads=delta.demand_loads,
             wasted_prefetches=delta.wasted_prefetches, stale_prefetches=delta.stale_prefetches,
             reloads=delta.reloads,
-            transfer_wait_seconds=after.wait_seconds - before.wait_seconds,
+            transfer_wait_seconds=after.wait_seconds - before.wait_seconds, resident_bytes=resident_bytes,
         )
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_ratio": self.hit_ratio}
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_ratio": self.hit_ratio,
+                "peak_fast_tier_bytes": self.peak_fast_tier_bytes}

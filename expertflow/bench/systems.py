@@ -84,7 +84,7 @@ def run_engine(spec: RunSpec) -> Measured:
                          resident)
     return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill,
                     peak_expert_bytes=stats.peak_expert_bytes,
-                    resident_bytes=sum(p.numel() * p.element_size() for p in model.model.parameters()),
+                    resident_bytes=model.engine.parts.resident_bytes,
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved, belady_loads=floor,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,

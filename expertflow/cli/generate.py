@@ -96,5 +96,6 @@ def figure_rows(stats: RunStats) -> list[tuple[str, str]]:
         ("bytes moved", human_bytes(stats.bytes_moved)),
         ("cache slots", f"{stats.cache_experts} x {human_bytes(stats.expert_bytes)}"),
         ("peak expert bytes", human_bytes(stats.peak_expert_bytes)),
+        ("peak fast tier (+ resident weights)", human_bytes(stats.peak_fast_tier_bytes)),
         ("all expert bytes", human_bytes(stats.all_expert_bytes)),
     ]
