@@ -180,7 +180,7 @@ def _size_note(size: CacheSize, shape: ModelShape) -> dict:
     note = {"asked": size.text, "kind": "memory budget" if size.whole_tier else "expert slots",
             "cache_experts": cache_slots(size, shape)}
     if size.whole_tier:
-        note["memory_budget_bytes"] = size.budget_bytes(shape.total_experts * shape.expert_bytes + shape.resident_bytes)
+        note["memory_budget_bytes"] = size.budget_bytes(shape.total_experts, shape.expert_bytes, shape.resident_bytes)
     return note
 
 

@@ -34,17 +34,18 @@ class CacheSize:
             if self.text.endswith("%"):
                 return max(round(total * float(self.text[:-1]) / 100), minimum)
             return int(self.text)
-        slots = slots_within(self.budget_bytes(total * expert_bytes + resident_bytes), resident_bytes, expert_bytes)
+        slots = slots_within(self.budget_bytes(total, expert_bytes, resident_bytes), resident_bytes, expert_bytes)
         if slots < minimum:
             raise ExpertflowError(f"--memory-budget {self.text} leaves room for {slots} experts after "
                                   f"{resident_bytes / 2**20:.2f} MiB of non-expert weights; the bench needs at least "
                                   f"{minimum} (one token's experts in every layer)")
         return min(slots, total)
 
-    def budget_bytes(self, all_in_memory_bytes: int) -> int:
-        """A whole-tier budget in bytes, for a model of `all_in_memory_bytes`."""
+    def budget_bytes(self, total: int, expert_bytes: int, resident_bytes: int) -> int:
+        """A whole-tier budget in bytes, for a model whose every weight in memory takes
+        total x expert_bytes + resident_bytes."""
         if self.text.endswith("%"):
-            return int(all_in_memory_bytes * float(self.text[:-1]) / 100)
+            return int((total * expert_bytes + resident_bytes) * float(self.text[:-1]) / 100)
         return parse_size(self.text)
 
     @classmethod
