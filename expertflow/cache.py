@@ -50,7 +50,11 @@ class ExpertCache:
         self.planner = CachePlanner(residency, transfer_ratio)
         self.store = store
         self.device = device
-        self._slots: list[torch.Tensor | None] = [None] * residency.capacity
+        self.slot_bytes = store.slot_bytes(device)
+        self._slots: list[torch.Tensor | None] = [None] * residency.capacity  # each slot's bytes (uint8)
+        # The flat weights of the expert each slot was last given: a view into the slot's bytes where the
+        # store chose to put it (`ExpertStore.place`: a disk store lines it up for a zero-copy read).
+        self._flat: list[torch.Tensor | None] = [None] * residency.capacity
         self._generation = [0] * residency.capacity
         self._in_flight: dict[Key, Transfer] = {}
         self._lock = threading.Lock()
@@ -96,7 +100,7 @@ class ExpertCache:
             if placement.loaded:
                 self._start(key, placement, DEMAND, queued=False)  # copied by this thread in `_await`
             transfer = self._in_flight.pop(key, None)
-            slot = self._slots[placement.slot]
+            slot = self._flat[placement.slot]
         if transfer is not None:
             self._await(transfer)
         return slot
@@ -129,8 +133,9 @@ class ExpertCache:
             self._in_flight.pop(placement.evicted, None)
         self._generation[placement.slot] += 1
         if self._slots[placement.slot] is None:
-            self._slots[placement.slot] = torch.empty(self.store.numel, dtype=self.store.dtype, device=self.device)
+            self._slots[placement.slot] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
             self.peak_bytes = max(self.peak_bytes, self._allocated_bytes())
+        self._flat[placement.slot] = self.store.place(key, self._slots[placement.slot])
         if self._worker is None:
             self._wait_event(self._copy(key, placement.slot))
             return
@@ -148,7 +153,7 @@ class ExpertCache:
 
     @torch.inference_mode()  # slots made during generation are inference tensors; the worker thread must match
     def _copy(self, key: Key, slot_index: int) -> torch.cuda.Event | None:
-        slot = self._slots[slot_index]
+        slot = self._flat[slot_index]
         if self._stream is None:
             start = time.perf_counter()
             self.store.read_into(key, slot)
@@ -172,7 +177,7 @@ class ExpertCache:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def _allocated_bytes(self) -> int:
-        return sum(1 for s in self._slots if s is not None) * self.expert_bytes
+        return sum(1 for s in self._slots if s is not None) * self.slot_bytes
 
     def figures(self) -> CacheFigures:
         with self._lock:

@@ -32,8 +32,9 @@ class OffloadedExperts(nn.Module):
         self._adapter = adapter
         self._cache = cache
         self._observer = observer
-        # Weight views of each fast-tier slot this layer used, by the slot's address: slots live as long as
-        # the cache, and the views keep their storage alive, so an address names one slot.
+        # Weight views of each expert placement this layer used, by its address: slots live as long as the
+        # cache, and the views keep their storage alive, so an address names one place in one slot (a store
+        # may place experts at a few offsets within a slot, see `ExpertStore.place`).
         self._views: dict[int, dict[str, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:

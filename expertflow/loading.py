@@ -22,7 +22,7 @@ from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.experts import OffloadedExperts, RoutingObserver
-from expertflow.policies import CachePolicy, build_policy, policy_class
+from expertflow.policies import CachePolicy, build_policy, policy_class, policy_settings
 from expertflow.residency import Residency
 from expertflow.store import STORES, ExpertStore
 
@@ -64,20 +64,29 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     if not layers:
         raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")
 
-    # The policy checks the budget before any expert is read, so a bad budget fails fast.
+    # The budget and the policy are checked before any expert is read, so a bad budget fails fast.
     expert_bytes = adapter.layout.nbytes(config.torch_dtype)
-    minimum = policy_class(config.policy).min_capacity(layers, adapter.num_experts, adapter.top_k)
-    resident = resident_bytes(model, adapter, checkpoint, config)
-    capacity = config.capacity(len(layers) * adapter.num_experts, expert_bytes, resident, minimum)
-    policy = build_policy(config.policy, capacity, layers, adapter.num_experts, adapter.top_k,
-                          config.policy_settings)
-    if policy.needs_future:
-        raise ExpertflowError(f"policy {policy.name!r} needs the future access sequence; compare it with "
+    chosen = policy_class(config.policy)
+    if chosen.needs_future:
+        raise ExpertflowError(f"policy {chosen.name!r} needs the future access sequence; compare it with "
                               "expertflow simulate --policies ...,belady")
+    policy_settings(config.policy, config.policy_settings)  # a bad knob fails here too
+    minimum = chosen.min_capacity(layers, adapter.num_experts, adapter.top_k)
+    resident = resident_bytes(model, adapter, checkpoint, config)
+    total_experts = len(layers) * adapter.num_experts
+    config.capacity(total_experts, expert_bytes, resident, minimum)
     options = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
     if config.store == "disk":
         options = {"drop_page_cache": config.drop_page_cache}
     store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **options)
+    try:
+        # A byte budget pays for the slots as the store lays them out (a zero-copy disk slot has spare room).
+        capacity = config.capacity(total_experts, store.slot_bytes(config.torch_device), resident, minimum)
+        policy = build_policy(config.policy, capacity, layers, adapter.num_experts, adapter.top_k,
+                              config.policy_settings)
+    except ExpertflowError:
+        store.close()
+        raise
     cache = ExpertCache(Residency(capacity, policy), store, config.torch_device,
                         transfer_ratio=config.transfer_ratio, background=policy.prefetches,
                         io_threads=config.io_threads)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from expertflow.adapters import MoEAdapter, TensorRef
 from expertflow.checkpoint import Checkpoint, Extent
-from expertflow.direct_io import ALIGN, BounceBuffers, open_direct, read_exact
+from expertflow.direct_io import ALIGN, SLOT_SLACK, BounceBuffers, open_direct, placement_skip, read_exact
 from expertflow.errors import ExpertflowError
 
 Key = tuple[int, int]  # (layer, expert)
@@ -46,6 +46,15 @@ class ExpertStore(ABC):
     @property
     def keys(self) -> list[Key]:
         return list(self.refs)
+
+    def slot_bytes(self, device: torch.device) -> int:
+        """Bytes of one fast-tier slot on `device`: the expert, plus any room `place` needs."""
+        return self.expert_bytes
+
+    def place(self, key: Key, slot: torch.Tensor) -> torch.Tensor:
+        """Where expert `key`'s flat values go within a slot's bytes (uint8, `slot_bytes`): the view that
+        `read_into` fills. A store may pick the place so that its reads land without a copy."""
+        return slot[: self.expert_bytes].view(self.dtype)
 
     @abstractmethod
     def read_into(self, key: Key, out: torch.Tensor) -> None:
@@ -99,8 +108,9 @@ class DiskStore(ExpertStore):
     """Reads each expert's bytes from the safetensors files with positional reads, straight into the
     destination when dtypes match. With `drop_page_cache` the reads bypass the OS page cache, so every
     fetch really reads the disk: O_DIRECT where the file system takes it (see `direct_io`; an expert's
-    neighbouring tensors are fetched with one read), else a buffered read per tensor whose range is then
-    dropped (posix_fadvise DONTNEED); `direct_io=False` asks for the latter (to compare the two)."""
+    neighbouring tensors are fetched with one read, straight into a CPU slot when they tile it in order),
+    else a buffered read per tensor whose range is then dropped (posix_fadvise DONTNEED); `direct_io=False`
+    asks for the latter (to compare the two)."""
 
     name = "disk"
 
@@ -117,6 +127,25 @@ class DiskStore(ExpertStore):
             self._direct_fds = {path: fd for path in paths if (fd := open_direct(path)) is not None}
         self._open = [*self._fds.values(), *self._direct_fds.values()]
         self._bounce = BounceBuffers()
+        # An expert whose tensors all sit at one offset within a page relative to their place in its flat
+        # buffer (tensors of whole pages, as in real checkpoints) can be read straight into a slot that puts
+        # the buffer at that offset (`place`): each tensor's whole blocks then skip the bounce buffer.
+        self._page_offset = {key: r for key, spans in self._spans.items()
+                             if (r := _page_offset(spans, dtype)) is not None}
+
+    def slot_bytes(self, device: torch.device) -> int:
+        zero_copy = self._direct_fds and self._page_offset and device.type == "cpu"
+        return self.expert_bytes + (SLOT_SLACK if zero_copy else 0)
+
+    def place(self, key: Key, slot: torch.Tensor) -> torch.Tensor:
+        offset = self._page_offset.get(key)
+        direct = all(span.path in self._direct_fds for span in self._spans[key])
+        if offset is None or not direct or slot.device.type != "cpu":
+            return super().place(key, slot)
+        skip = placement_skip(slot.data_ptr(), offset)
+        if skip % self.dtype.itemsize or skip + self.expert_bytes > slot.numel():
+            return super().place(key, slot)
+        return slot[skip : skip + self.expert_bytes].view(self.dtype)
 
     @property
     def read_method(self) -> str:
@@ -134,7 +163,10 @@ class DiskStore(ExpertStore):
             fd = self._direct_fds.get(span.path)
             if fd is not None:
                 try:
-                    self._read_direct(fd, span, out)
+                    if _placed_for(out, self.dtype, self._page_offset.get(key)):
+                        self._read_in_place(fd, span, _byte_view(out))
+                    else:
+                        self._read_direct(fd, span, out)
                     continue
                 except OSError as e:
                     if e.errno != errno.EINVAL:
@@ -155,6 +187,51 @@ class DiskStore(ExpertStore):
             source = torch.frombuffer(view, dtype=piece.extent.dtype, count=piece.numel,
                                       offset=piece.extent.offset - begin)
             out[piece.start : piece.start + piece.numel].copy_(source)
+
+    def _read_in_place(self, fd: int, span: _Span, dest: memoryview) -> None:
+        """The span in one scattered read: each tensor's whole blocks straight into its place in `dest` (the
+        expert's flat bytes, placed by `place`); the blocks only partly its own (where tensors meet, and at the
+        ends) into the bounce buffer, and those bytes copied to their places. The device sees one request, as
+        for a read through the bounce buffer, and the ~6 MiB copy of a widened expert shrinks to a few KiB."""
+        runs: list[tuple[int, int, int | None]] = []  # (file offset, bytes, index in dest; None: bounced)
+
+        def run(offset: int, nbytes: int, at: int | None) -> None:
+            if nbytes <= 0:
+                return
+            if at is None and runs and runs[-1][2] is None:  # neighbouring bounced blocks: one buffer
+                offset, nbytes = runs[-1][0], runs.pop()[1] + nbytes
+            runs.append((offset, nbytes, at))
+
+        cursor = span.begin - span.begin % ALIGN
+        for piece in span.pieces:  # in file order, each at or after the previous one's end
+            start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
+            first, last = -(-start // ALIGN) * ALIGN, stop - stop % ALIGN
+            if first >= last:  # no whole block of its own
+                run(cursor, -(-stop // ALIGN) * ALIGN - cursor, None)
+                cursor = -(-stop // ALIGN) * ALIGN
+                continue
+            run(cursor, first - cursor, None)
+            run(first, last - first, piece.start * piece.extent.dtype.itemsize + first - start)
+            cursor = last
+        run(cursor, -(-span.end // ALIGN) * ALIGN - cursor, None)
+
+        scratch = self._bounce.get(sum(n for _, n, at in runs if at is None) or ALIGN)
+        views, bounced, used = [], [], 0  # bounced: (file offset, bytes, index in scratch)
+        for offset, nbytes, at in runs:
+            if at is None:
+                views.append(scratch[used : used + nbytes])
+                bounced.append((offset, nbytes, used))
+                used += nbytes
+            else:
+                views.append(dest[at : at + nbytes])
+        _readv_exact(fd, views, runs[0][0], span.end - runs[0][0], span.path)
+        for piece in span.pieces:
+            start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
+            at = piece.start * piece.extent.dtype.itemsize - start  # dest index of file offset x: at + x
+            for offset, nbytes, place in bounced:
+                lo, hi = max(start, offset), min(stop, offset + nbytes)
+                if lo < hi:
+                    dest[at + lo : at + hi] = scratch[place + lo - offset : place + hi - offset]
 
     def _read_buffered(self, piece: _Piece, target: torch.Tensor) -> None:
         extent = piece.extent
@@ -195,6 +272,36 @@ def _spans_of(key: Key, extents: list[Extent], numel: int) -> list[_Span]:
         else:
             spans.append(_Span(e.path, e.offset, e.offset + e.nbytes, (piece,)))
     return spans
+
+
+def _page_offset(spans: list[_Span], dtype: torch.dtype) -> int | None:
+    """The offset within a page that the expert's flat buffer must start at for every tensor's file bytes to
+    line up with their place in it, if there is one (all tensors in `dtype`, so no cast), else None."""
+    offsets = {(p.extent.offset - p.start * dtype.itemsize) % ALIGN for span in spans for p in span.pieces}
+    same_dtype = all(p.extent.dtype == dtype for span in spans for p in span.pieces)
+    return offsets.pop() if same_dtype and len(offsets) == 1 else None
+
+
+def _placed_for(out: torch.Tensor, dtype: torch.dtype, offset: int | None) -> bool:
+    """Whether `out` is a CPU buffer of `dtype` starting at `offset` within a page (see `DiskStore.place`)."""
+    return (offset is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype
+            and (out.data_ptr() - offset) % ALIGN == 0)
+
+
+def _readv_exact(fd: int, views: list[memoryview], offset: int, nbytes: int, path: Path) -> None:
+    """Fill `views`, back to back, from `offset` with one scattered read (more if the device returns fewer
+    bytes); at least `nbytes` must arrive (the last block may be short at the end of the file)."""
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, views, offset + done)
+        if n <= 0:
+            raise ExpertflowError(f"{path} ended early while reading an expert; the file is truncated")
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:], *views[1:]]
 
 
 def _byte_view(buffer: torch.Tensor) -> memoryview:

@@ -14,10 +14,11 @@ from expertflow.adapters import adapter_for
 from expertflow.api import ExpertflowModel
 from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
-from expertflow.direct_io import open_direct
+from expertflow.direct_io import ALIGN, SLOT_SLACK, open_direct
 from expertflow.errors import ExpertflowError
 from expertflow.loading import read_config
 from expertflow.store import DiskStore, HostStore
+from expertflow.widen import widen_checkpoint
 from tests.reference import reference_generate
 from tests.tiny_models import TINY_CONFIGS
 
@@ -78,6 +79,130 @@ def test_an_experts_back_to_back_tensors_are_one_read(tiny_mixtral_dir):
     for key, extents in disk.extents.items():
         (span,) = disk._spans[key]
         assert span.end - span.begin == sum(e.nbytes for e in extents)
+    disk.close()
+
+
+@pytest.fixture(scope="module")
+def page_sized_dirs(tmp_path_factory, tiny_model_dirs) -> dict[str, Path]:
+    """The tiny models widened until every expert tensor is whole pages, as in real checkpoints (the tiny
+    ones' tensors are a few hundred bytes: no block of theirs could be read straight into a slot). Families
+    `widen` cannot pad (gpt-oss's expert layout) are left out."""
+    root = tmp_path_factory.mktemp("page-sized")
+    widened = {}
+    for family, path in tiny_model_dirs.items():
+        try:
+            widened[family] = widen_checkpoint(path, root / family, intermediate_size=256)
+        except ExpertflowError:
+            pass
+    return widened
+
+
+def _placed_reads(disk: DiskStore, host: HostStore) -> int:
+    """Reads every expert into slots `place` lined up (at every 64-byte offset within a page, as a CPU
+    allocator may hand them out), checks them against the host store's copy, and returns the bytes the
+    reading thread's bounce buffer grew to."""
+    cpu = torch.device("cpu")
+    slots = [torch.empty(disk.slot_bytes(cpu) + i * 64, dtype=torch.uint8)[i * 64 :] for i in range(ALIGN // 64)]
+    grew: list[int] = []
+
+    def reader() -> None:
+        for i, key in enumerate(disk.keys):
+            flat = disk.place(key, slots[i % len(slots)])
+            assert flat.numel() == disk.numel and flat.dtype == disk.dtype
+            disk.read_into(key, flat)
+            want = torch.empty(host.numel)
+            host.read_into(key, want)
+            assert torch.equal(flat, want), key
+        buffer = getattr(disk._bounce._local, "buffer", None)
+        grew.append(0 if buffer is None else len(buffer))
+
+    thread = threading.Thread(target=reader)  # a fresh thread: its own, so far empty, bounce buffer
+    thread.start()
+    thread.join()
+    assert len(grew) == 1, "the reader failed"
+    return grew[0]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_a_placed_slot_is_read_straight_from_the_device(family, tiny_model_dirs, page_sized_dirs):
+    """Whole-page tensors: `place` lines the slot up with the file, and only the blocks where tensors meet pass
+    through the bounce buffer. Tiny tensors: no spare room is asked for, and the reads still land right."""
+    _require_direct(tiny_model_dirs[family])
+    cpu = torch.device("cpu")
+    host, disk = _stores(tiny_model_dirs[family])
+    assert disk.slot_bytes(cpu) == disk.expert_bytes and not disk._page_offset
+    assert _placed_reads(disk, host) >= disk.expert_bytes  # the whole expert went through the bounce buffer
+    disk.close()
+    if family not in page_sized_dirs:
+        return
+    host, disk = _stores(page_sized_dirs[family])
+    assert host.slot_bytes(cpu) == host.expert_bytes
+    assert disk.slot_bytes(torch.device("cuda")) == disk.expert_bytes  # a device copy stages through the bounce
+    placeable = len(disk._page_offset)
+    assert disk.slot_bytes(cpu) == disk.expert_bytes + (SLOT_SLACK if placeable else 0)
+    grew = _placed_reads(disk, host)
+    if placeable == len(disk.keys):
+        edges = max(len(spans) + sum(len(s.pieces) for s in spans) for spans in disk._spans.values())
+        assert grew <= edges * ALIGN < disk.expert_bytes
+    if family == "mixtral":  # hub per-expert tensors of whole pages, placed off page boundaries
+        assert placeable == len(disk.keys) and set(disk._page_offset.values()) != {0}
+    disk.close()
+
+
+def test_a_slot_without_room_is_filled_through_the_bounce_buffer(page_sized_dirs):
+    model = page_sized_dirs["mixtral"]
+    _require_direct(model)
+    host, disk = _stores(model)
+    key = disk.keys[3]
+    room = torch.empty(disk.expert_bytes + ALIGN, dtype=torch.uint8)
+    wrong = (disk._page_offset[key] - room.data_ptr() + 64) % ALIGN  # 64 bytes past where `place` would put it
+    tight = room[wrong : wrong + disk.expert_bytes]
+    flat = disk.place(key, tight)
+    assert flat.data_ptr() == tight.data_ptr()  # too little room to line up: the plain place
+    disk.read_into(key, flat)
+    want = torch.empty(host.numel)
+    host.read_into(key, want)
+    assert torch.equal(flat, want)
+    disk.close()
+
+
+def test_zero_copy_slots_count_against_the_budget_and_keep_the_tokens(page_sized_dirs):
+    """Each direct-read slot holds a page of spare room; the memory budget pays for it, and the tokens are
+    transformers' own."""
+    model = page_sized_dirs["mixtral"]
+    _require_direct(model)
+    probe = ExpertflowModel(EngineConfig(model=model, policy="none"))
+    resident = sum(p.numel() * p.element_size() for p in probe.engine.parts.model.parameters())
+    expert = probe.engine.parts.store.expert_bytes
+    probe.close()
+    budget = resident + 20 * expert + 19 * SLOT_SLACK  # 20 plain slots, but only 19 with their spare room
+    prompts = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9]]
+    theirs = reference_generate(model, prompts, 10, 1)[0]
+    for policy in ("lru", "ring"):  # demand reads on the layer's thread, and a prefetching transfer worker
+        m = ExpertflowModel(EngineConfig(model=model, memory_budget=budget, policy=policy, store="disk",
+                                         drop_page_cache=True))
+        assert m.cache.slot_bytes == expert + SLOT_SLACK and m.cache.residency.capacity == 19
+        out = m.generate(input_ids=prompts, max_new_tokens=10)
+        m.close()
+        assert out.sequences == theirs, policy
+        assert out.stats.peak_expert_bytes == 19 * (expert + SLOT_SLACK)
+        assert out.stats.peak_fast_tier_bytes <= budget
+
+
+def test_a_truncated_file_read_in_place_is_a_one_line_error(tmp_path, page_sized_dirs):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in page_sized_dirs["mixtral"].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    _require_direct(copy)
+    _, disk = _stores(copy)
+    last = max(disk.keys, key=lambda k: max(e.offset for e in disk.extents[k]))
+    cut = max(disk.extents[last], key=lambda e: e.offset)
+    os.truncate(cut.path, cut.offset + cut.nbytes // 2)
+    flat = disk.place(last, torch.empty(disk.slot_bytes(torch.device("cpu")), dtype=torch.uint8))
+    with pytest.raises(ExpertflowError, match="the file is truncated") as caught:
+        disk.read_into(last, flat)
+    assert "\n" not in str(caught.value)
     disk.close()
 
 
