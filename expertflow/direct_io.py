@@ -7,10 +7,10 @@ price of alignment: the file offset, the length and the buffer's address must be
 device's logical block size. `ALIGN` (one page) covers every common device. A safetensors tensor starts
 wherever the header's length puts it, so its first byte is rarely on a block boundary. Two ways round that:
 - zero-copy: a destination whose address has the same offset within a page as the file range
-  (`placement_skip` finds one in a slot of `SLOT_SLACK` spare bytes) takes the range's aligned middle
-  straight from the device; only the partial first and last blocks pass through a bounce buffer;
-- otherwise the aligned range around the tensor is read into a bounce buffer and its bytes copied out
-  (~0.7-1.3 ms of CPU per 6 MiB expert on this machine, and the same again in wall time of every read).
+  (`placement_skip` finds one in a slot of `SLOT_SLACK` spare bytes) takes the range's whole blocks
+  straight from the device; only the blocks it shares with its neighbours pass through a bounce buffer;
+- otherwise the aligned range around the tensor is read into a bounce buffer and its bytes copied out:
+  ~0.7-1.3 ms of CPU per 6 MiB expert on this machine, spent inside the read, so its wall time too.
 """
 
 from __future__ import annotations
