@@ -51,9 +51,11 @@ def measure_expert_costs(model_dir: Path, samples: int = 32) -> ExpertCosts:
     reads = store.read_method
     keys = store.keys[:: max(1, len(store.keys) // samples)][:samples]
     try:
-        # Touched before the reads (zeros, not empty): a slot is filled many times, so a read's cost is the
-        # device's, not the first-touch page faults of a fresh buffer (~2 ms per 6 MiB here).
-        buffers = [torch.zeros(store.numel) for _ in keys]
+        # Slots as the engine's cache lays them out (`place`: a zero-copy read where the file allows), touched
+        # before the reads (zeros, not empty): a slot is filled many times, so a read's cost is the device's,
+        # not the first-touch page faults of a fresh buffer (~2 ms per 6 MiB here).
+        cpu = torch.device("cpu")
+        buffers = [store.place(k, torch.zeros(store.slot_bytes(cpu), dtype=torch.uint8)) for k in keys]
         load = [_timed(lambda k=k, b=b: store.read_into(k, b)) for k, b in zip(keys, buffers)]
         x = torch.randn(1, adapter.hidden_size)  # (1, H): one token
         with torch.inference_mode():
