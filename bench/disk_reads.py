@@ -1,14 +1,16 @@
 """Micro-benchmark: does the disk serve several expert reads at once faster than one after another?
 
-Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)`, with O_DIRECT (what the engine
-uses where the file system allows) and with buffered reads dropped by posix_fadvise DONTNEED, from 1, 2, 4, 8
+Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)`: with O_DIRECT into slots placed as the
+engine's cache places them (`placed`: whole blocks straight into the slot, what the engine does where the file
+system allows), with O_DIRECT into a plain buffer (`direct`: through the bounce buffer, then copied), and with
+buffered reads dropped by posix_fadvise DONTNEED (`buffered`), from 1, 2, 4, 8
 threads at once, each thread reading its own distinct experts into its own buffer, the page cache of every
 checkpoint file dropped before each pass (so every read reaches the device). Reports the aggregate
 MB/s, the wall time per expert (what a transfer worker pays per load) and each read's own latency;
 repeats the sweep and keeps the median pass. Prints a table and a final JSON line.
 
     python bench/disk_reads.py [--model results/widened/tiny-mixtral-32e-i4096] [--threads 1,2,4,8]
-                               [--experts 48] [--repeats 3]
+                               [--experts 48] [--repeats 3] [--methods placed,direct,buffered]
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ from expertflow.loading import read_config  # noqa: E402
 from expertflow.store import DiskStore, Key  # noqa: E402
 
 DEFAULT_MODEL = Path("results/widened/tiny-mixtral-32e-i4096")
+METHODS = ("placed", "direct", "buffered")
+
+
+def _label(row: dict) -> str:
+    if not row["reads"].startswith("O_DIRECT"):
+        return "buffered + DONTNEED"
+    return "O_DIRECT into the slot" if row["placed"] else "O_DIRECT via bounce"
 
 
 def open_store(model_dir: Path, direct_io: bool = True) -> DiskStore:
@@ -56,18 +65,20 @@ def drop_page_cache(store: DiskStore) -> None:
             os.close(fd)
 
 
-def read_concurrently(store: DiskStore, keys: list[Key], threads: int) -> dict:
-    """Thread i reads keys[i::threads], one after another; all threads start together."""
+def read_concurrently(store: DiskStore, keys: list[Key], threads: int, placed: bool) -> dict:
+    """Thread i reads keys[i::threads], one after another, into its own slot (`placed`: laid out by the
+    store's `place`, as the engine's cache does; else a plain buffer); all threads start together."""
     latencies: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(threads + 1)
 
     def reader(own: list[Key]) -> None:
-        out = torch.empty(store.numel, dtype=store.dtype)
+        slot = torch.zeros(store.slot_bytes(torch.device("cpu")), dtype=torch.uint8)
+        plain = torch.zeros(store.numel, dtype=store.dtype)
         start.wait()
         for key in own:
             began = time.perf_counter()
-            store.read_into(key, out)
+            store.read_into(key, store.place(key, slot) if placed else plain)
             with lock:
                 latencies.append(1e3 * (time.perf_counter() - began))
 
@@ -79,26 +90,29 @@ def read_concurrently(store: DiskStore, keys: list[Key], threads: int) -> dict:
     for w in workers:
         w.join()
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
-    return {"reads": store.read_method, "threads": threads, "experts": len(keys), "wall_s": wall,
+    return {"reads": store.read_method, "placed": placed, "threads": threads, "experts": len(keys), "wall_s": wall,
             "mb_per_s": len(keys) * store.expert_bytes / wall / 1e6,
             "wall_ms_per_expert": 1e3 * wall / len(keys),
             "cpu_ms_per_expert": 1e3 * cpu / len(keys),  # this process's CPU (kernel copy included): is it CPU-bound?
             "read_ms_median": statistics.median(latencies)}
 
 
-def sweep(store: DiskStore, thread_counts: list[int], per_pass: int, repeats: int) -> list[dict]:
-    """Every (repeat, threads) pass reads experts no earlier pass of the same repeat read, in random order."""
-    if per_pass * len(thread_counts) > len(store.keys):
-        raise SystemExit(f"{per_pass} experts x {len(thread_counts)} passes exceeds the {len(store.keys)} experts")
-    passes: dict[int, list[dict]] = {t: [] for t in thread_counts}
+def sweep(stores: dict[str, DiskStore], thread_counts: list[int], per_pass: int, repeats: int) -> list[dict]:
+    """Every (repeat, method, threads) pass reads experts no earlier pass of the same repeat read, in random
+    order; the passes of one repeat alternate methods and thread counts, so the disk's drift (large here:
+    a host-backed virtual disk) favours none of them."""
+    combos = [(m, t) for m in stores for t in thread_counts]
+    total = len(next(iter(stores.values())).keys)
+    if per_pass * len(combos) > total:
+        raise SystemExit(f"{per_pass} experts x {len(combos)} passes exceeds the {total} experts")
+    passes: dict[tuple[str, int], list[dict]] = {c: [] for c in combos}
     for r in range(repeats):
-        keys_in_order = store.keys
+        keys_in_order = next(iter(stores.values())).keys
         random.Random(r).shuffle(keys_in_order)  # the engine fetches scattered experts, not file order
-        order = thread_counts if r % 2 == 0 else thread_counts[::-1]  # alternate, so drift favours no count
-        for i, threads in enumerate(order):
+        for i, (method, threads) in enumerate(combos if r % 2 == 0 else combos[::-1]):
             keys = keys_in_order[i * per_pass : (i + 1) * per_pass]
-            drop_page_cache(store)
-            passes[threads].append(read_concurrently(store, keys, threads))
+            drop_page_cache(stores[method])
+            passes[(method, threads)].append(read_concurrently(stores[method], keys, threads, method == "placed"))
     return [min(runs, key=lambda p: abs(p["mb_per_s"] - statistics.median(q["mb_per_s"] for q in runs)))
             for runs in passes.values()]
 
@@ -109,24 +123,29 @@ def main() -> None:
     p.add_argument("--threads", default="1,2,4,8")
     p.add_argument("--experts", type=int, default=48, help="experts read per pass (split over the threads)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--methods", default="direct,buffered", help="direct (O_DIRECT) and/or buffered (+ DONTNEED)")
+    p.add_argument("--methods", default="placed,direct,buffered",
+                   help="placed (O_DIRECT into the slot), direct (O_DIRECT via a bounce buffer), buffered (+ DONTNEED)")
     args = p.parse_args()
-    rows = []
-    for method in args.methods.split(","):
-        store = open_store(args.model, direct_io=method == "direct")
-        try:
-            rows += sweep(store, [int(t) for t in args.threads.split(",")], args.experts, args.repeats)
-        finally:
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    stores = {m: open_store(args.model, direct_io=m != "buffered") for m in methods}
+    expert_bytes = stores[methods[0]].expert_bytes
+    try:
+        rows = sweep(stores, [int(t) for t in args.threads.split(",")], args.experts, args.repeats)
+    finally:
+        for store in stores.values():
             store.close()
     base = rows[0]["mb_per_s"]
     table = Table("reads", "threads", "MB/s", "vs first row", "wall ms / expert", "CPU ms / expert", "read ms (median)",
-                  title=f"{args.experts} expert reads of {store.expert_bytes / 2**20:.1f} MiB, page cache dropped, "
+                  title=f"{args.experts} expert reads of {expert_bytes / 2**20:.1f} MiB, page cache dropped, "
                         f"median of {args.repeats} passes; load average {os.getloadavg()[0]:.1f}")
     for r in rows:
-        table.add_row("O_DIRECT" if r["reads"].startswith("O_DIRECT") else "buffered + DONTNEED", str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
+        table.add_row(_label(r), str(r["threads"]), f"{r['mb_per_s']:.0f}", f"{r['mb_per_s'] / base:.2f}x",
                       f"{r['wall_ms_per_expert']:.2f}", f"{r['cpu_ms_per_expert']:.2f}", f"{r['read_ms_median']:.2f}")
     Console().print(table)
-    print(json.dumps({"model": str(args.model), "expert_bytes": store.expert_bytes, "experts_per_pass": args.experts,
+    print(json.dumps({"model": str(args.model), "expert_bytes": expert_bytes, "experts_per_pass": args.experts,
                       "repeats": args.repeats, "load_average": os.getloadavg(), "results": rows}))
 
 
