@@ -48,12 +48,23 @@ def open_direct(path: Path) -> int | None:
 def read_exact(fd: int, view: memoryview, offset: int, nbytes: int, path: Path) -> None:
     """Fill `view[:nbytes]` from `offset`. With O_DIRECT the last block may come back short at the end of
     the file; fewer than `nbytes` bytes means the file is truncated."""
+    readv_exact(fd, [view], offset, nbytes, path)
+
+
+def readv_exact(fd: int, views: list[memoryview], offset: int, nbytes: int, path: Path) -> None:
+    """Fill `views`, back to back, from `offset` with one scattered read (more if the device returns fewer
+    bytes); at least `nbytes` must arrive (the last block may be short at the end of the file)."""
     done = 0
     while done < nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
+        n = os.preadv(fd, views, offset + done)
         if n <= 0:
             raise ExpertflowError(f"{path} ended early while reading an expert; the file is truncated")
         done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:], *views[1:]]
 
 
 class BounceBuffers:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from expertflow.adapters import MoEAdapter, TensorRef
 from expertflow.checkpoint import Checkpoint, Extent
-from expertflow.direct_io import ALIGN, SLOT_SLACK, BounceBuffers, open_direct, placement_skip, read_exact
+from expertflow.direct_io import (ALIGN, SLOT_SLACK, BounceBuffers, open_direct, placement_skip, read_exact,
+                                  readv_exact)
 from expertflow.errors import ExpertflowError
 
 Key = tuple[int, int]  # (layer, expert)
@@ -108,7 +109,8 @@ class DiskStore(ExpertStore):
     """Reads each expert's bytes from the safetensors files with positional reads, straight into the
     destination when dtypes match. With `drop_page_cache` the reads bypass the OS page cache, so every
     fetch really reads the disk: O_DIRECT where the file system takes it (see `direct_io`; an expert's
-    neighbouring tensors are fetched with one read, straight into a CPU slot when they tile it in order),
+    neighbouring tensors are fetched with one read, scattered straight into a CPU slot placed by `place`
+    when every tensor is whole pages),
     else a buffered read per tensor whose range is then dropped (posix_fadvise DONTNEED); `direct_io=False`
     asks for the latter (to compare the two)."""
 
@@ -224,7 +226,7 @@ class DiskStore(ExpertStore):
                 used += nbytes
             else:
                 views.append(dest[at : at + nbytes])
-        _readv_exact(fd, views, runs[0][0], span.end - runs[0][0], span.path)
+        readv_exact(fd, views, runs[0][0], span.end - runs[0][0], span.path)
         for piece in span.pieces:
             start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
             at = piece.start * piece.extent.dtype.itemsize - start  # dest index of file offset x: at + x
@@ -286,22 +288,6 @@ def _placed_for(out: torch.Tensor, dtype: torch.dtype, offset: int | None) -> bo
     """Whether `out` is a CPU buffer of `dtype` starting at `offset` within a page (see `DiskStore.place`)."""
     return (offset is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype
             and (out.data_ptr() - offset) % ALIGN == 0)
-
-
-def _readv_exact(fd: int, views: list[memoryview], offset: int, nbytes: int, path: Path) -> None:
-    """Fill `views`, back to back, from `offset` with one scattered read (more if the device returns fewer
-    bytes); at least `nbytes` must arrive (the last block may be short at the end of the file)."""
-    done = 0
-    while done < nbytes:
-        n = os.preadv(fd, views, offset + done)
-        if n <= 0:
-            raise ExpertflowError(f"{path} ended early while reading an expert; the file is truncated")
-        done += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:], *views[1:]]
 
 
 def _byte_view(buffer: torch.Tensor) -> memoryview:
