@@ -110,9 +110,8 @@ class DiskStore(ExpertStore):
     destination when dtypes match. With `drop_page_cache` the reads bypass the OS page cache, so every
     fetch really reads the disk: O_DIRECT where the file system takes it (see `direct_io`; an expert's
     neighbouring tensors are fetched with one read, scattered straight into a CPU slot placed by `place`
-    when every tensor is whole pages),
-    else a buffered read per tensor whose range is then dropped (posix_fadvise DONTNEED); `direct_io=False`
-    asks for the latter (to compare the two)."""
+    when every tensor is whole pages), else a buffered read per tensor whose range is then dropped
+    (posix_fadvise DONTNEED); `direct_io=False` asks for the latter (to compare the two)."""
 
     name = "disk"
 
@@ -134,6 +133,7 @@ class DiskStore(ExpertStore):
         # the buffer at that offset (`place`): each tensor's whole blocks then skip the bounce buffer.
         self._page_offset = {key: r for key, spans in self._spans.items()
                              if (r := _page_offset(spans, dtype)) is not None}
+        self._scatter = {key: [_scatter_of(span) for span in self._spans[key]] for key in self._page_offset}
 
     def slot_bytes(self, device: torch.device) -> int:
         zero_copy = self._direct_fds and self._page_offset and device.type == "cpu"
@@ -161,12 +161,13 @@ class DiskStore(ExpertStore):
         return "pread through the OS page cache"
 
     def read_into(self, key: Key, out: torch.Tensor) -> None:
-        for span in self._spans[key]:
+        placed = _placed_for(out, self.dtype, self._page_offset.get(key))
+        for i, span in enumerate(self._spans[key]):
             fd = self._direct_fds.get(span.path)
             if fd is not None:
                 try:
-                    if _placed_for(out, self.dtype, self._page_offset.get(key)):
-                        self._read_in_place(fd, span, _byte_view(out))
+                    if placed:
+                        self._read_in_place(fd, span, self._scatter[key][i], _byte_view(out))
                     else:
                         self._read_direct(fd, span, out)
                     continue
@@ -190,50 +191,16 @@ class DiskStore(ExpertStore):
                                       offset=piece.extent.offset - begin)
             out[piece.start : piece.start + piece.numel].copy_(source)
 
-    def _read_in_place(self, fd: int, span: _Span, dest: memoryview) -> None:
-        """The span in one scattered read: each tensor's whole blocks straight into its place in `dest` (the
-        expert's flat bytes, placed by `place`); the blocks only partly its own (where tensors meet, and at the
-        ends) into the bounce buffer, and those bytes copied to their places. The device sees one request, as
-        for a read through the bounce buffer, and the ~6 MiB copy of a widened expert shrinks to a few KiB."""
-        runs: list[tuple[int, int, int | None]] = []  # (file offset, bytes, index in dest; None: bounced)
-
-        def run(offset: int, nbytes: int, at: int | None) -> None:
-            if nbytes <= 0:
-                return
-            if at is None and runs and runs[-1][2] is None:  # neighbouring bounced blocks: one buffer
-                offset, nbytes = runs[-1][0], runs.pop()[1] + nbytes
-            runs.append((offset, nbytes, at))
-
-        cursor = span.begin - span.begin % ALIGN
-        for piece in span.pieces:  # in file order, each at or after the previous one's end
-            start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
-            first, last = -(-start // ALIGN) * ALIGN, stop - stop % ALIGN
-            if first >= last:  # no whole block of its own
-                run(cursor, -(-stop // ALIGN) * ALIGN - cursor, None)
-                cursor = -(-stop // ALIGN) * ALIGN
-                continue
-            run(cursor, first - cursor, None)
-            run(first, last - first, piece.start * piece.extent.dtype.itemsize + first - start)
-            cursor = last
-        run(cursor, -(-span.end // ALIGN) * ALIGN - cursor, None)
-
-        scratch = self._bounce.get(sum(n for _, n, at in runs if at is None) or ALIGN)
-        views, bounced, used = [], [], 0  # bounced: (file offset, bytes, index in scratch)
-        for offset, nbytes, at in runs:
-            if at is None:
-                views.append(scratch[used : used + nbytes])
-                bounced.append((offset, nbytes, used))
-                used += nbytes
-            else:
-                views.append(dest[at : at + nbytes])
-        readv_exact(fd, views, runs[0][0], span.end - runs[0][0], span.path)
-        for piece in span.pieces:
-            start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
-            at = piece.start * piece.extent.dtype.itemsize - start  # dest index of file offset x: at + x
-            for offset, nbytes, place in bounced:
-                lo, hi = max(start, offset), min(stop, offset + nbytes)
-                if lo < hi:
-                    dest[at + lo : at + hi] = scratch[place + lo - offset : place + hi - offset]
+    def _read_in_place(self, fd: int, span: _Span, plan: _Scatter, dest: memoryview) -> None:
+        """The span in one scattered read (`plan`): each tensor's whole blocks straight into its place in
+        `dest` (the expert's flat bytes, placed by `place`), the blocks only partly its own into the bounce
+        buffer, and those bytes then copied to their places. The device sees one request, as for a read
+        through the bounce buffer, and the ~6 MiB copy of a widened expert shrinks to a few KiB."""
+        scratch = self._bounce.get(plan.scratch_bytes)
+        views = [scratch[s : s + n] if at is None else dest[at : at + n] for n, at, s in plan.runs]
+        readv_exact(fd, views, plan.begin, span.end - plan.begin, span.path)
+        for at, s, n in plan.copies:
+            dest[at : at + n] = scratch[s : s + n]
 
     def _read_buffered(self, piece: _Piece, target: torch.Tensor) -> None:
         extent = piece.extent
@@ -252,6 +219,60 @@ class DiskStore(ExpertStore):
         self._open.clear()
         self._fds.clear()
         self._direct_fds.clear()
+
+
+@dataclass(frozen=True)
+class _Scatter:
+    """How a span is read in place (`DiskStore._read_in_place`), worked out once per expert: from the block at
+    `begin`, runs of `(bytes, index in the expert's bytes, index in the bounce buffer)` in file order, each to
+    the expert's bytes (whole blocks of one tensor) or, index None, to the bounce buffer (the blocks where
+    tensors meet, and the ends); then `copies` of `(index in the expert's bytes, index in the bounce buffer,
+    bytes)` put the bounced bytes of each tensor in place."""
+
+    begin: int
+    runs: tuple[tuple[int, int | None, int], ...]
+    copies: tuple[tuple[int, int, int], ...]
+    scratch_bytes: int
+
+
+def _scatter_of(span: _Span) -> _Scatter:
+    runs: list[list] = []  # [file offset, bytes, index in the expert's bytes or None]
+
+    def run(offset: int, nbytes: int, at: int | None) -> None:
+        if nbytes <= 0:
+            return
+        if at is None and runs and runs[-1][2] is None:  # neighbouring bounced blocks: one buffer
+            runs[-1][1] += nbytes
+        else:
+            runs.append([offset, nbytes, at])
+
+    begin = span.begin - span.begin % ALIGN
+    cursor = begin
+    for piece in span.pieces:  # in file order, each at or after the previous one's end
+        start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
+        first, last = -(-start // ALIGN) * ALIGN, stop - stop % ALIGN
+        if first >= last:  # no whole block of its own
+            run(cursor, -(-stop // ALIGN) * ALIGN - cursor, None)
+            cursor = -(-stop // ALIGN) * ALIGN
+            continue
+        run(cursor, first - cursor, None)
+        run(first, last - first, piece.start * piece.extent.dtype.itemsize + first - start)
+        cursor = last
+    run(cursor, -(-span.end // ALIGN) * ALIGN - cursor, None)
+
+    planned, copies, used = [], [], 0
+    for offset, nbytes, at in runs:
+        if at is not None:
+            planned.append((nbytes, at, 0))
+            continue
+        planned.append((nbytes, None, used))
+        for piece in span.pieces:
+            start, stop = piece.extent.offset, piece.extent.offset + piece.extent.nbytes
+            lo, hi = max(start, offset), min(stop, offset + nbytes)
+            if lo < hi:
+                copies.append((piece.start * piece.extent.dtype.itemsize + lo - start, used + lo - offset, hi - lo))
+        used += nbytes
+    return _Scatter(begin, tuple(planned), tuple(copies), used or ALIGN)
 
 
 def _spans_of(key: Key, extents: list[Extent], numel: int) -> list[_Span]:
