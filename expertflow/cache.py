@@ -22,6 +22,7 @@ import torch
 from expertflow.policies import Forecast, Key
 from expertflow.policies.planner import CachePlanner, Issued
 from expertflow.prefetch import DEMAND, PREFETCH, Transfer, TransferWorker
+from expertflow.read_meter import ReadFigures, ReadMeter
 from expertflow.residency import CacheCounters, Placement, Residency
 from expertflow.store import ExpertStore
 from expertflow.transfer_clock import TransferClock
@@ -37,6 +38,7 @@ class CacheFigures:
     peak_expert_bytes: int
     all_expert_bytes: int
     wait_seconds: float = 0.0  # time layers spent waiting for background transfers
+    reads: ReadFigures = ReadFigures()  # the slow tier's reads (host side: on CUDA, up to the pinned copy)
 
     @property
     def bytes_moved(self) -> int:
@@ -64,6 +66,7 @@ class ExpertCache:
         # Only prefetching policies time their transfers (PLEC's lead); an explicit transfer ratio is the
         # simulator's clock, kept as given.
         self._clock = TransferClock() if background and transfer_ratio is None else None
+        self._reads = ReadMeter()
         self.peak_bytes = 0
         self.wait_seconds = 0.0
         for key in residency.policy.initial_residents():
@@ -156,7 +159,8 @@ class ExpertCache:
         slot = self._flat[slot_index]
         if self._stream is None:
             start = time.perf_counter()
-            self.store.read_into(key, slot)
+            with self._reads.timed():
+                self.store.read_into(key, slot)
             if self._clock is not None:
                 self._clock.transfer(time.perf_counter() - start)
             return None
@@ -165,7 +169,8 @@ class ExpertCache:
         with torch.cuda.stream(self._stream):
             began = torch.cuda.Event(enable_timing=self._clock is not None)
             began.record(self._stream)
-            self.store.read_into(key, slot)
+            with self._reads.timed():
+                self.store.read_into(key, slot)
             done = torch.cuda.Event(enable_timing=self._clock is not None)
             done.record(self._stream)
         if self._clock is not None:
@@ -188,4 +193,5 @@ class ExpertCache:
                 peak_expert_bytes=self.peak_bytes,
                 all_expert_bytes=len(self.store.refs) * self.expert_bytes,
                 wait_seconds=self.wait_seconds,
+                reads=self._reads.figures(),
             )

@@ -32,11 +32,19 @@ class RunStats:
     reloads: int = 0                # loads of an expert evicted within the last few forwards
     transfer_wait_seconds: float = 0.0  # time layers spent waiting for background transfers
     resident_bytes: int = 0         # fast-tier bytes of every non-expert weight
+    transfer_reads: int = 0         # slow-tier reads run (loads whose transfer went stale never read)
+    transfer_read_seconds: float = 0.0  # their durations summed (concurrent reads each count in full)
+    transfer_busy_seconds: float = 0.0  # time at least one read was running
 
     @property
     def peak_fast_tier_bytes(self) -> int:
         """Resident weights + peak expert slots: what a --memory-budget bounds."""
         return self.resident_bytes + self.peak_expert_bytes
+
+    @property
+    def busy_ms_per_read(self) -> float | None:
+        """The run's own cost of one read at the concurrency it ran with (None: no reads)."""
+        return 1e3 * self.transfer_busy_seconds / self.transfer_reads if self.transfer_reads else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,6 +59,7 @@ class RunStats:
     def between(cls, before: CacheFigures, after: CacheFigures, *, new_tokens: int, prompt_tokens: int,
                 seconds: float, prefill_seconds: float, resident_bytes: int = 0) -> "RunStats":
         delta = after.counters.minus(before.counters)
+        reads = after.reads.minus(before.reads)
         return cls(
             new_tokens=new_tokens, prompt_tokens=prompt_tokens, seconds=seconds, prefill_seconds=prefill_seconds,
             hits=delta.hits, misses=delta.misses, expert_loads=delta.loads, prefetch_loads=delta.prefetch_loads,
@@ -61,8 +70,10 @@ class RunStats:
             wasted_prefetches=delta.wasted_prefetches, stale_prefetches=delta.stale_prefetches,
             reloads=delta.reloads,
             transfer_wait_seconds=after.wait_seconds - before.wait_seconds, resident_bytes=resident_bytes,
+            transfer_reads=reads.reads, transfer_read_seconds=reads.read_seconds,
+            transfer_busy_seconds=reads.busy_seconds,
         )
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_ratio": self.hit_ratio,
-                "peak_fast_tier_bytes": self.peak_fast_tier_bytes}
+                "peak_fast_tier_bytes": self.peak_fast_tier_bytes, "busy_ms_per_read": self.busy_ms_per_read}

@@ -41,7 +41,12 @@ def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
     assert 0 < lru[0]["belady_loads"] <= lru[0]["expert_loads"]
     assert lru[0]["loads_vs_belady"] == lru[0]["expert_loads"] / lru[0]["belady_loads"]
     assert saved["results"][0]["belady_loads"] is None  # all-in-memory has no cache to replay
-    assert all(r["belady_ceiling_tokens_per_s"] is None for r in saved["results"])  # no expert costs measured
+    assert saved["results"][0]["belady_ceiling_tokens_per_s"] is None
+    # no read timed before the sweep: lru's ceiling uses its own reads, one per load
+    assert lru[0]["notes"]["transfer_reads"] == lru[0]["expert_loads"] >= 20
+    assert lru[0]["read_ms_from"] == "the run's own reads"
+    assert lru[0]["read_ms"] == 1e3 * lru[0]["notes"]["transfer_busy_seconds"] / lru[0]["expert_loads"] > 0
+    assert lru[0]["belady_ceiling_tokens_per_s"] > 0
     everything = saved["results"][0]
     assert lru[0]["peak_expert_bytes"] <= everything["peak_expert_bytes"] // 2
     assert "page cache bypassed" in saved["setup"]["disk_reads"] == lru[0]["notes"]["slow_tier_reads"]
@@ -146,10 +151,21 @@ def test_repeats_report_each_points_median_run_and_check_every_runs_tokens(tmp_p
 def test_belady_ceiling_is_the_slower_of_belady_reads_and_all_in_memory_compute() -> None:
     from expertflow.bench.harness import belady_ceiling
 
-    row = {"new_tokens": 100, "belady_loads": 50}
-    costs = {"load_ms": 20.0}
-    assert belady_ceiling(row, {"seconds": 0.5}, costs) == 100.0  # 50 reads x 20 ms = 1 s, above the 0.5 s compute
-    assert belady_ceiling(row, {"seconds": 2.0}, costs) == 50.0   # compute-bound: no cache can beat it
-    assert belady_ceiling(row, None, costs) is None
-    assert belady_ceiling(row, {"seconds": 0.5}, None) is None
-    assert belady_ceiling({"new_tokens": 100, "belady_loads": None}, {"seconds": 0.5}, costs) is None
+    row = {"new_tokens": 100, "belady_loads": 50, "read_ms": 20.0}
+    assert belady_ceiling(row, {"seconds": 0.5}) == 100.0  # 50 reads x 20 ms = 1 s, above the 0.5 s compute
+    assert belady_ceiling(row, {"seconds": 2.0}) == 50.0   # compute-bound: no cache can beat it
+    assert belady_ceiling(row, None) is None
+    assert belady_ceiling({**row, "read_ms": None}, {"seconds": 0.5}) is None
+    assert belady_ceiling({**row, "belady_loads": None}, {"seconds": 0.5}) is None
+
+
+def test_a_ceilings_read_cost_is_the_runs_own_busy_time_per_read_when_it_read_enough() -> None:
+    from expertflow.bench.harness import MIN_OWN_READS, read_ms
+
+    costs = {"load_ms": 7.0}
+    own = {"transfer_reads": 40, "transfer_busy_seconds": 0.2}
+    assert read_ms(own, costs) == (5.0, "the run's own reads")  # 200 ms busy over 40 reads
+    few = {"transfer_reads": MIN_OWN_READS - 1, "transfer_busy_seconds": 1.0}
+    assert read_ms(few, costs) == (7.0, "one read timed before the sweep")
+    assert read_ms({}, costs) == (7.0, "one read timed before the sweep")
+    assert read_ms({}, None) == (None, "none")

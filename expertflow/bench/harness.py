@@ -22,6 +22,9 @@ from expertflow.conformance import inspect_model
 from expertflow.errors import ExpertflowError
 
 
+MIN_OWN_READS = 20  # fewer reads than this (a cache holding nearly everything) say little about the device
+
+
 @dataclass(frozen=True)
 class ModelShape:
     moe_layers: int
@@ -111,7 +114,9 @@ def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
                         "mismatched_sequences": mismatched, "same_tokens": mismatched == 0})
     costs = config.notes.get("expert_costs")
     for row in results:
-        row["belady_ceiling_tokens_per_s"] = belady_ceiling(row, all_in_memory_row(results, row["batch_size"]), costs)
+        cached = row.get("belady_loads") is not None
+        row["read_ms"], row["read_ms_from"] = read_ms(row["notes"], costs) if cached else (None, "none")
+        row["belady_ceiling_tokens_per_s"] = belady_ceiling(row, all_in_memory_row(results, row["batch_size"]))
     return {"same_tokens": all(r["same_tokens"] for r in results), "results": results,
             "setup": _setup(config, shape, prompts, rows)}
 
@@ -135,15 +140,27 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
     }
 
 
-def belady_ceiling(row: dict, base: dict | None, costs: dict | None) -> float | None:
+def belady_ceiling(row: dict, base: dict | None) -> float | None:
     """The tokens/s the run could reach had it loaded only Belady's experts for its routing, each at the
-    measured read time of one expert, with every read hidden behind compute as fast as all-in-memory's
-    (or that compute behind the reads): an estimate of the limit for any cache policy on this disk and
-    one reader. None without a Belady replay, an all-in-memory run at the batch size or measured costs."""
-    if row.get("belady_loads") is None or base is None or not costs:
+    run's own cost of a read (`read_ms`), with every read hidden behind compute as fast as all-in-memory's
+    (or that compute behind the reads): an estimate of the limit for any cache policy on this disk at the
+    run's read concurrency. None without a Belady replay, an all-in-memory run at the batch size or a read cost."""
+    read_ms = row.get("read_ms")
+    if row.get("belady_loads") is None or base is None or read_ms is None:
         return None
-    seconds = max(base["seconds"], row["belady_loads"] * costs["load_ms"] / 1e3)
+    seconds = max(base["seconds"], row["belady_loads"] * read_ms / 1e3)
     return row["new_tokens"] / seconds if seconds > 0 else None
+
+
+def read_ms(notes: dict, costs: dict | None) -> tuple[float | None, str]:
+    """One expert read's cost for a run's ceiling, and where it came from: the run's own reads (the slow
+    tier's busy time per read) when it read enough to tell, else the read timed once before the sweep."""
+    reads = notes.get("transfer_reads", 0)
+    if reads >= MIN_OWN_READS:
+        return 1e3 * notes["transfer_busy_seconds"] / reads, "the run's own reads"
+    if costs:
+        return costs["load_ms"], "one read timed before the sweep"
+    return None, "none"
 
 
 def _by_point(rows: list[dict]) -> list[list[dict]]:

@@ -14,12 +14,12 @@ from pathlib import Path
 from expertflow.cli.report import human_bytes
 
 COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "prefill s", "decode tokens/s",
-           "decode vs all-in-memory", "hit ratio", "loads", "loads / Belady", "Belady ceiling tokens/s",
+           "decode vs all-in-memory", "hit ratio", "loads", "loads / Belady", "read ms", "Belady ceiling tokens/s",
            "peak fast tier", "peak RSS", "same tokens")
 JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "prefill_seconds",
                "decode_tokens_per_s", "tokens_per_s_runs", "peak_expert_bytes",
                "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "belady_loads",
-               "loads_vs_belady", "belady_ceiling_tokens_per_s", "same_tokens")
+               "loads_vs_belady", "read_ms", "belady_ceiling_tokens_per_s", "same_tokens")
 
 
 def table_rows(doc: dict) -> list[tuple]:
@@ -33,9 +33,10 @@ def table_rows(doc: dict) -> list[tuple]:
         hits = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
         vs_belady = "-" if r.get("loads_vs_belady") is None else f"{r['loads_vs_belady']:.2f}x"
         ceiling = "-" if r.get("belady_ceiling_tokens_per_s") is None else f"{r['belady_ceiling_tokens_per_s']:.1f}"
+        read = "-" if r.get("read_ms") is None else f"{r['read_ms']:.2f}"
         rows.append((r["system"], size, r["batch_size"], f"{r['tokens_per_s']:.1f}", speed,
                      f"{r['prefill_seconds']:.2f}", f"{r['decode_tokens_per_s']:.1f}", decode, hits, r["expert_loads"],
-                     vs_belady, ceiling,
+                     vs_belady, read, ceiling,
                      human_bytes(r["peak_fast_tier_bytes"]), human_bytes(r["peak_rss_bytes"]),
                      "yes" if r["same_tokens"] else f"no ({r['mismatched_sequences']} differ)"))
     return rows

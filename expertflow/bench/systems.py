@@ -89,6 +89,9 @@ def run_engine(spec: RunSpec) -> Measured:
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved, belady_loads=floor,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
                            "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
+                           "transfer_reads": stats.transfer_reads,
+                           "transfer_busy_seconds": round(stats.transfer_busy_seconds, 6),
+                           "transfer_read_seconds": round(stats.transfer_read_seconds, 6),
                            "slow_tier_reads": model.engine.parts.store.read_method, **notes})
 
 

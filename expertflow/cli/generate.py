@@ -84,6 +84,13 @@ def run_many(args: argparse.Namespace) -> int:
     return 0
 
 
+def _busy(stats: RunStats) -> str:
+    if not stats.transfer_reads:
+        return "no reads"
+    return (f"{stats.transfer_busy_seconds:.3f} s for {stats.transfer_reads} reads "
+            f"({stats.busy_ms_per_read:.2f} ms each at the concurrency they ran with)")
+
+
 def figure_rows(stats: RunStats) -> list[tuple[str, str]]:
     return [
         ("new tokens", f"{stats.new_tokens}"),
@@ -93,6 +100,7 @@ def figure_rows(stats: RunStats) -> list[tuple[str, str]]:
         ("prefetch loads / hits / wasted", f"{stats.prefetch_loads} / {stats.prefetch_hits} / {stats.wasted_prefetches}"),
         ("correction (demand) loads", f"{stats.correction_loads}"),
         ("transfer wait", f"{stats.transfer_wait_seconds:.3f} s"),
+        ("slow tier busy", _busy(stats)),
         ("bytes moved", human_bytes(stats.bytes_moved)),
         ("cache slots", f"{stats.cache_experts} x {human_bytes(stats.expert_bytes)}"),
         ("peak expert bytes", human_bytes(stats.peak_expert_bytes)),
