@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from expertflow.policies import Forecast, Key
-from expertflow.policies.planner import CachePlanner, Issued
+from expertflow.policies.planner import USE_AHEAD, CachePlanner, Issued
 from expertflow.prefetch import DEMAND, PREFETCH, Transfer, TransferWorker
 from expertflow.read_meter import ReadFigures, ReadMeter
 from expertflow.residency import CacheCounters, Placement, Residency
@@ -49,7 +49,8 @@ class ExpertCache:
     def __init__(self, residency: Residency, store: ExpertStore, device: torch.device,
                  transfer_ratio: float | None = None, background: bool = False, io_threads: int = 1) -> None:
         self.residency = residency
-        self.planner = CachePlanner(residency, transfer_ratio)
+        # With a worker, a layer's next expert is used while this one is read or computed (see CachePlanner).
+        self.planner = CachePlanner(residency, transfer_ratio, USE_AHEAD if background else 0)
         self.store = store
         self.device = device
         self.slot_bytes = store.slot_bytes(device)
@@ -98,12 +99,11 @@ class ExpertCache:
     def acquire(self, key: Key) -> torch.Tensor:
         """The expert's flat weights in the fast tier, loading it on a miss; pinned until `release`."""
         with self._lock:
-            placement = self.residency.use(key)
-            self.residency.pin(key)
-            if placement.loaded:
-                self._start(key, placement, DEMAND, queued=False)  # copied by this thread in `_await`
+            for used, placement in self.planner.use(key):
+                if placement.loaded:  # this key's copy runs on this thread in `_await`; a reader takes those ahead
+                    self._start(used, placement, DEMAND, queued=used != key)
             transfer = self._in_flight.pop(key, None)
-            slot = self._flat[placement.slot]
+            slot = self._flat[self.residency.slot_of[key]]
         if transfer is not None:
             self._await(transfer)
         return slot
@@ -119,7 +119,7 @@ class ExpertCache:
 
     def release(self, key: Key) -> None:
         with self._lock:
-            self.residency.unpin(key)
+            self.planner.release(key)
 
     def close(self) -> None:
         if self._worker is not None:

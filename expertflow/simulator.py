@@ -22,7 +22,7 @@ import numpy as np
 
 from expertflow.policies import Forecast, Key, build_policy
 from expertflow.policies.forecast import LookaheadForecast, batch_forecast, restrict
-from expertflow.policies.planner import CachePlanner
+from expertflow.policies.planner import USE_AHEAD, CachePlanner
 from expertflow.residency import CacheCounters, Residency
 from expertflow.traces import NO_EXPERT, TraceSet
 
@@ -132,7 +132,7 @@ def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: in
     residency = Residency(config.cache_experts, policy)
     for key in policy.initial_residents():
         residency.preload(key)
-    planner = CachePlanner(residency, config.transfer_ratio)
+    planner = CachePlanner(residency, config.transfer_ratio, USE_AHEAD if policy.prefetches else 0)
     start = residency.counters.copy()
     counted = CacheCounters()
     for fw in with_lookahead(forwards, config.lookahead):
@@ -168,7 +168,8 @@ def replay_forward(planner: CachePlanner, fw: Forward, layers: Sequence[int]) ->
         keys = [(layer, e) for e in experts]
         planner.route(layer, keys)
         for key in keys:
-            planner.residency.use(key)
+            planner.use(key)
+            planner.release(key)
         planner.finish_layer(layer)
 
 

@@ -4,8 +4,16 @@
                                   `Residency.begin_forward` starts the forward's prefetch accounting)
     for each MoE layer of the forward (`layers`: all of them unless the model has several stacks):
         route(layer, keys)      the real routing is known: the policy corrects / looks ahead
-        (demand uses of keys)   `Residency.use`: a miss is a demand load, ahead of any prefetch
+        for each key, in order:
+            use(key)            a demand use (`Residency.use`: a miss is a demand load, ahead of any
+                                prefetch), and the uses `use_ahead` keys ahead of it, all pinned
+            release(key)        the key's expert has run
         finish_layer(layer)     the next layer's transfer window opens (after the last: `end_forward`)
+
+Uses ahead: with a transfer worker, the layer's next routed expert is used (and, on a miss, its load queued
+as a demand) while this one is still read or computed, so a layer that misses several experts keeps the slow
+tier reading instead of one read, one compute, one read. It changes which slot a miss may take (the key ahead
+is pinned sooner), so the simulator replays the same `use_ahead` as the live cache.
 
 The transfer clock: a window is the compute between two layers' expert runs, and fits `transfer_ratio`
 expert loads (None = unlimited). Prefetches are issued from the queue while the window has room; a key
@@ -26,15 +34,21 @@ from expertflow.policies.base import Forecast, Key
 from expertflow.residency import Placement, Residency
 
 Issued = tuple[Key, Placement]
+USE_AHEAD = 1  # keys of a layer used ahead of the running one where a transfer worker can read them
 
 
 class CachePlanner:
-    def __init__(self, residency: Residency, transfer_ratio: float | None) -> None:
+    def __init__(self, residency: Residency, transfer_ratio: float | None, use_ahead: int = 0) -> None:
         if transfer_ratio is not None and transfer_ratio < 0:
             raise ValueError(f"transfer_ratio must be >= 0 (expert loads per layer compute), got {transfer_ratio}")
+        if use_ahead < 0:
+            raise ValueError(f"use_ahead counts a layer's keys used ahead of the running one, got {use_ahead}")
         self.residency = residency
         self.policy = residency.policy
         self.transfer_ratio = transfer_ratio
+        self.use_ahead = use_ahead
+        self._to_use: deque[Key] = deque()  # the running layer's routed keys not used yet, in use order
+        self._held: set[Key] = set()         # used ahead (and pinned), not yet taken by their own `use`
         # The simulator's clock: a transfer takes 1 / ratio layer windows (no ratio: no time). The live cache
         # overrides this with measured times.
         self.policy.set_transfer_time(1.0 / transfer_ratio if transfer_ratio else 0.0)
@@ -46,6 +60,7 @@ class CachePlanner:
         """A forward over `layers` (default: every MoE layer) starts: queue the policy's plan and open
         the first layer's window."""
         self._ran = -1
+        self._drop_held()
         self.residency.begin_forward()
         self.policy.begin_forward(self.policy.layers if layers is None else layers)
         self._queue = deque(self.policy.plan(forecast))
@@ -58,13 +73,47 @@ class CachePlanner:
             issued = self.begin_step(None)  # a forward started without begin_step (e.g. a direct model call)
         position = self.policy.position(layer)
         self._ran = position
+        self._drop_held()
+        self._to_use = deque(keys)
         lookahead = self.policy.on_layer(layer, keys)
         later = [k for k in self._queue if self._ahead(k)]
         self._queue = deque(dict.fromkeys([*lookahead, *later]))
         return issued
 
+    def use(self, key: Key) -> list[Issued]:
+        """A demand use of `key` by the running layer, pinned until `release`, and the uses of the layer's
+        next `use_ahead` keys (pinned too): the placements made now, `key`'s first unless it was used ahead."""
+        made: list[Issued] = []
+        if key in self._held:
+            self._held.discard(key)
+        else:
+            made.append((key, self._use(key)))
+        if key in self._to_use:
+            self._to_use.remove(key)
+        while self._to_use and len(self._held) < self.use_ahead:
+            ahead = self._to_use.popleft()
+            self._held.add(ahead)
+            made.append((ahead, self._use(ahead)))
+        return made
+
+    def release(self, key: Key) -> None:
+        self.residency.unpin(key)
+
+    def _use(self, key: Key) -> Placement:
+        placement = self.residency.use(key)
+        self.residency.pin(key)
+        return placement
+
+    def _drop_held(self) -> None:
+        """Keys used ahead that their layer never took (it stopped early): unpinned, their use stands."""
+        for key in self._held:
+            self.residency.unpin(key)
+        self._held = set()
+        self._to_use = deque()
+
     def finish_layer(self, layer: int) -> list[Issued]:
         """`layer`'s experts ran: open the window before the next layer (none after the forward's last)."""
+        self._drop_held()
         if self.policy.position(layer) == len(self.policy.forward_layers) - 1:
             self.residency.end_forward()
             return []
