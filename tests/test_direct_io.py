@@ -189,6 +189,25 @@ def test_zero_copy_slots_count_against_the_budget_and_keep_the_tokens(page_sized
         assert out.stats.peak_fast_tier_bytes <= budget
 
 
+def test_a_bench_memory_budget_buys_the_engines_slots_not_plain_ones(page_sized_dirs, tmp_path):
+    """The bench hands a whole-tier budget to the engine, which pays for each slot's spare room: the row
+    reports the slots the engine ran (19), not the 20 plain experts the budget would buy, and stays within it."""
+    from expertflow.bench.harness import model_shape, run_bench
+    from expertflow.bench.spec import BenchConfig, CacheSize
+
+    model = page_sized_dirs["mixtral"]
+    _require_direct(model)
+    shape = model_shape(model)
+    budget = shape.resident_bytes + 20 * shape.expert_bytes + 19 * SLOT_SLACK
+    config = BenchConfig(model=model, systems=["all-in-memory", "lru"], batch_sizes=[2], out=tmp_path / "out",
+                         cache_sizes=[CacheSize.parse(f"{budget}B", whole_tier=True)], max_new_tokens=4)
+    doc = run_bench(config, [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9]])
+    memory, lru = doc["results"]
+    assert doc["setup"]["cache_sizes"][0]["cache_experts"] == 20  # what the plain expert size would buy
+    assert lru["cache_experts"] == 19 and lru["same_tokens"]
+    assert lru["peak_fast_tier_bytes"] == shape.resident_bytes + 19 * (shape.expert_bytes + SLOT_SLACK) <= budget
+
+
 def test_a_truncated_file_read_in_place_is_a_one_line_error(tmp_path, page_sized_dirs):
     copy = tmp_path / "model"
     copy.mkdir()

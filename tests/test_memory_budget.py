@@ -93,6 +93,7 @@ def test_bench_memory_budget_reaches_the_runs_and_the_setup(tiny_mixtral_dir, tm
     runs = plan_runs(config, shape, [[5, 6, 7]], str(tmp_path))
     expected = (int(whole * 0.6) - shape.resident_bytes) // shape.expert_bytes
     assert [r.cache_experts for r in runs] == [None, expected]
+    assert [r.memory_budget for r in runs] == [None, int(whole * 0.6)]  # the engine sizes its own slots
     note = _size_note(config.cache_sizes[0], shape)
     assert note == {"asked": "60%", "kind": "memory budget", "cache_experts": expected,
                     "memory_budget_bytes": int(whole * 0.6)}

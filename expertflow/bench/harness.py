@@ -57,10 +57,14 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
     """Batch size outermost, so a partial sweep still compares every system at the first batch size; within it
     the systems without a cache first, then each cache size's systems back to back, so the runs a ratio
     compares are the closest in time (this machine's disk speed drifts over minutes)."""
-    sizes = list(dict.fromkeys(cache_slots(s, shape) for s in config.cache_sizes))
+    budgets: dict[int, int | None] = {}
+    for size in config.cache_sizes:
+        budgets.setdefault(cache_slots(size, shape), size.budget_bytes(shape.total_experts, shape.expert_bytes,
+                                                                       shape.resident_bytes) if size.whole_tier else None)
     uncached = [(name, None) for name in config.systems if not SYSTEMS[name].uses_cache_size]
-    cached = [(name, experts) for experts in sizes for name in config.systems if SYSTEMS[name].uses_cache_size]
+    cached = [(name, experts) for experts in budgets for name in config.systems if SYSTEMS[name].uses_cache_size]
     return [RunSpec(
+        memory_budget=budgets[experts] if experts is not None and SYSTEMS[name].policy else None,
         system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
         max_new_tokens=config.max_new_tokens, store=config.store,
         drop_page_cache=config.drop_page_cache and config.store == "disk",
@@ -122,7 +126,7 @@ def _document(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
 
 
 def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
-    experts = shape.total_experts if spec.cache_experts is None else spec.cache_experts
+    experts = got.get("cache_experts") or spec.cache_experts or shape.total_experts  # the engine's own count first
     return {
         "system": spec.system, "cache_experts": experts, "cache_share": experts / shape.total_experts,
         "batch_size": spec.batch_size,

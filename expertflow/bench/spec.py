@@ -139,6 +139,9 @@ class RunSpec:
     io_threads: int = 1
     policy_settings: dict = field(default_factory=dict)
     offload_dir: str | None = None     # scratch directory for accelerate's offload_folder
+    # A whole-tier budget in bytes: an engine system sizes its slots from it as `generate --memory-budget`
+    # does (a slot can hold spare room for zero-copy reads), so its row's cache_experts is the engine's count.
+    memory_budget: int | None = None
 
     def batches(self) -> list[list[list[int]]]:
         """The prompts as batches of `batch_size`, in prompt order (systems without a token scheduler)."""

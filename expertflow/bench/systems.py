@@ -33,6 +33,7 @@ class Measured:
     expert_loads: int = 0
     bytes_moved: int = 0
     belady_loads: int | None = None   # Belady's MIN over the timed run's demand uses (engine systems)
+    cache_experts: int | None = None  # the slots an engine ran with (it sizes them itself from a byte budget)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -55,7 +56,9 @@ def run_engine(spec: RunSpec) -> Measured:
     from expertflow.config import EngineConfig
 
     policy = SYSTEMS[spec.system].policy
-    model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=spec.cache_experts, policy=policy,
+    slots = None if spec.memory_budget is not None else spec.cache_experts
+    model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=slots, memory_budget=spec.memory_budget,
+                                         policy=policy,
                                          store=spec.store, drop_page_cache=spec.drop_page_cache,
                                          predictor=spec.predictor, io_threads=spec.io_threads,
                                          policy_settings=spec.policy_settings))
@@ -87,6 +90,7 @@ def run_engine(spec: RunSpec) -> Measured:
                     resident_bytes=model.engine.parts.resident_bytes,
                     all_expert_bytes=stats.all_expert_bytes, hit_ratio=stats.hit_ratio,
                     expert_loads=stats.expert_loads, bytes_moved=stats.bytes_moved, belady_loads=floor,
+                    cache_experts=model.cache.residency.capacity,
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
                            "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
                            "transfer_reads": stats.transfer_reads,

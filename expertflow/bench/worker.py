@@ -31,7 +31,7 @@ def run(spec: RunSpec) -> dict:
         "peak_expert_bytes": measured.peak_expert_bytes, "resident_bytes": measured.resident_bytes,
         "all_expert_bytes": measured.all_expert_bytes, "hit_ratio": measured.hit_ratio,
         "expert_loads": measured.expert_loads, "bytes_moved": measured.bytes_moved,
-        "belady_loads": measured.belady_loads, "notes": measured.notes,
+        "belady_loads": measured.belady_loads, "cache_experts": measured.cache_experts, "notes": measured.notes,
         "peak_rss_bytes": _peak_rss_bytes(), "baseline_rss_bytes": start_rss,
     }
 
