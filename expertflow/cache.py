@@ -4,7 +4,8 @@ Slot bookkeeping and counters live in `Residency` and the per-forward order in `
 shared with the simulator); this class adds the tensors: it owns the slot buffers and copies experts in from
 the slow-tier store. Policies that prefetch get a `TransferWorker`: copies run in the background (`io_threads`
 at once) and a layer waits only for the experts it uses; demand copies jump the queue, and a layer copies an
-expert it needs itself unless a reader has already started it. On CUDA the copy runs on a side stream from
+expert it needs itself unless a reader has already started it, while the layer's next expert
+is already queued for a reader (`CachePlanner.use`). On CUDA the copy runs on a side stream from
 pinned host memory and the compute stream waits only for that copy; every reader thread enqueues on the same
 side stream, so copies into a slot stay in the order the worker started them (the slow part, the disk read,
 still runs in parallel on the host).
