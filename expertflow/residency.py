@@ -137,6 +137,11 @@ class Residency:
         self.counters.stale_prefetches += len(self._unused_prefetches)
         self._unused_prefetches.clear()
 
+    def can_take(self, key: Key) -> bool:
+        """Whether a use of `key` now would find it a slot: resident, a free slot, or a resident not pinned
+        (a global pool's policy evicts any unpinned one)."""
+        return key in self.slot_of or bool(self._free) or len(self._pins) < len(self.slot_of)
+
     def pin(self, key: Key) -> None:
         self._pins[key] += 1
 

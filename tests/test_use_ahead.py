@@ -93,3 +93,14 @@ def test_two_misses_of_one_layer_are_read_at_once_one_by_a_reader():
     assert store.second_started.is_set()
     assert sorted(store.reads) == [((0, 5), me), ((0, 6), "expertflow-transfers-0")]
     assert cache.residency.counters.misses == 2
+
+
+def test_no_key_is_used_ahead_when_every_slot_is_pinned():
+    planner = _planner(use_ahead=1, capacity=2)
+    residency = planner.residency
+    residency.use((1, 0))
+    residency.pin((1, 0))  # another key holds one of the two slots
+    assert [k for k, _ in planner.use((0, 5))] == [(0, 5)]  # (0, 6) would need a slot no one may give up
+    planner.release((0, 5))
+    assert [k for k, _ in planner.use((0, 6))] == [(0, 6)]  # its own turn: it evicts (0, 5)
+    assert set(residency.slot_of) == {(1, 0), (0, 6)}

@@ -90,7 +90,9 @@ class CachePlanner:
             made.append((key, self._use(key)))
         if key in self._to_use:
             self._to_use.remove(key)
-        while self._to_use and len(self._held) < self.use_ahead:
+        # A cache at its policy's minimum (a top-1 model: one slot per layer) may have no slot for a key
+        # ahead while this one is pinned: then the key waits for its own turn.
+        while self._to_use and len(self._held) < self.use_ahead and self.residency.can_take(self._to_use[0]):
             ahead = self._to_use.popleft()
             self._held.add(ahead)
             made.append((ahead, self._use(ahead)))
