@@ -33,7 +33,11 @@ def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
     for row in saved["results"]:
         assert row["same_tokens"] and row["mismatched_sequences"] == 0
         assert row["tokens_per_s"] > 0 and row["new_tokens"] > 0
-        assert 0 < row["prefill_seconds"] < row["seconds"] and row["decode_tokens_per_s"] > 0
+        assert row["prefill_seconds"] > 0
+        # tokens after each sequence's first over the run beyond its prefill pass; that pass is timed apart, so
+        # on a tiny model it can outlast the run itself, and then the rate is 0, never negative
+        later, rest = row["new_tokens"] - len(_prompts()), row["seconds"] - row["prefill_seconds"]
+        assert row["decode_tokens_per_s"] == (later / rest if rest > 0 else 0.0)
         assert row["peak_expert_bytes"] > 0 and row["peak_rss_bytes"] > row["peak_fast_tier_bytes"] > 0
         assert 0 < row["hit_ratio"] <= 1
     lru = [r for r in saved["results"] if r["system"] == "lru"]
