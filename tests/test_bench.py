@@ -167,9 +167,9 @@ def test_a_ceilings_read_cost_is_the_runs_own_busy_time_per_read_when_it_read_en
     from expertflow.bench.harness import MIN_OWN_READS, read_ms
 
     costs = {"load_ms": 7.0}
-    own = {"transfer_reads": 40, "transfer_busy_seconds": 0.2}
+    own = {"transfer_reads": 40, "transfer_busy_seconds": 0.2, "busy_ms_per_read": 5.0}
     assert read_ms(own, costs) == (5.0, "the run's own reads")  # 200 ms busy over 40 reads
-    few = {"transfer_reads": MIN_OWN_READS - 1, "transfer_busy_seconds": 1.0}
+    few = {"transfer_reads": MIN_OWN_READS - 1, "transfer_busy_seconds": 1.0, "busy_ms_per_read": 52.6}
     assert read_ms(few, costs) == (7.0, "one read timed before the sweep")
     assert read_ms({}, costs) == (7.0, "one read timed before the sweep")
     assert read_ms({}, None) == (None, "none")

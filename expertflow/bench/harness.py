@@ -159,9 +159,8 @@ def belady_ceiling(row: dict, base: dict | None) -> float | None:
 def read_ms(notes: dict, costs: dict | None) -> tuple[float | None, str]:
     """One expert read's cost for a run's ceiling, and where it came from: the run's own reads (the slow
     tier's busy time per read) when it read enough to tell, else the read timed once before the sweep."""
-    reads = notes.get("transfer_reads", 0)
-    if reads >= MIN_OWN_READS:
-        return 1e3 * notes["transfer_busy_seconds"] / reads, "the run's own reads"
+    if notes.get("transfer_reads", 0) >= MIN_OWN_READS:
+        return notes["busy_ms_per_read"], "the run's own reads"
     if costs:
         return costs["load_ms"], "one read timed before the sweep"
     return None, "none"

@@ -94,8 +94,9 @@ def run_engine(spec: RunSpec) -> Measured:
                     notes={"prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
                            "transfer_wait_seconds": round(stats.transfer_wait_seconds, 3),
                            "transfer_reads": stats.transfer_reads,
-                           "transfer_busy_seconds": round(stats.transfer_busy_seconds, 6),
-                           "transfer_read_seconds": round(stats.transfer_read_seconds, 6),
+                           "transfer_busy_seconds": stats.transfer_busy_seconds,
+                           "transfer_read_seconds": stats.transfer_read_seconds,
+                           "busy_ms_per_read": stats.busy_ms_per_read,
                            "slow_tier_reads": model.engine.parts.store.read_method, **notes})
 
 
