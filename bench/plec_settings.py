@@ -1,4 +1,4 @@
-"""PLEC's knobs (PLECConfig: threshold, beta, decay, lead) swept on tuning traces with the shipped RPP.
+"""PLEC's knobs (PLECConfig: threshold, spare_threshold, beta, decay, lead) swept on tuning traces with the shipped RPP.
 
 Each setting replays the same decode batches through `expertflow.simulator.sweep` with PLEC built with
 it (`SimConfig.policy_settings`); Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--traces", nargs="+", type=Path, required=True)
     parser.add_argument("--predictor", default=str(EMBEDDED_PREDICTOR_DIR))
     parser.add_argument("--threshold", default="0.5")
+    parser.add_argument("--spare-threshold", default="0.2")
     parser.add_argument("--beta", default="0.9")
     parser.add_argument("--decay", default="0.9")
     parser.add_argument("--lead", default="1")
@@ -65,16 +66,17 @@ def main() -> None:
     parser.add_argument("--batch-size", default="1,8,16")
     parser.add_argument("--transfer-ratio", type=float, default=15.0)
     args = parser.parse_args()
-    settings = [PLECConfig(t, b, d, int(lead)) for t, b, d, lead in itertools.product(
-        _floats(args.threshold), _floats(args.beta), _floats(args.decay), _floats(args.lead))]
+    settings = [PLECConfig(threshold=t, spare_threshold=sp, beta=b, decay=d, lead=int(lead))
+                for t, sp, b, d, lead in itertools.product(_floats(args.threshold), _floats(args.spare_threshold),
+                                                           _floats(args.beta), _floats(args.decay), _floats(args.lead))]
     caches = [c.strip() for c in args.cache_experts.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     rows = [row for path in args.traces
             for row in study(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
     print_table(f"PLEC settings, transfer ratio {args.transfer_ratio}, predictor {args.predictor}",
-                ("traces", "cache", "batch", "threshold", "beta", "decay", "lead", "hit ratio", "loads", "wasted",
+                ("traces", "cache", "batch", "threshold", "spare", "beta", "decay", "lead", "hit ratio", "loads", "wasted",
                  "loads/belady"),
-                [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["beta"]), str(r["decay"]),
+                [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["spare_threshold"]), str(r["beta"]), str(r["decay"]),
                   str(r["lead"]), f"{r['hit_ratio']:.3f}", str(r["loads"]), str(r["wasted"]),
                   f"{r['loads_vs_belady']:.2f}"] for r in rows])
     print_json_line({"results": rows})

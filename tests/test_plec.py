@@ -14,7 +14,7 @@ from expertflow.simulator import Forward, replay_forward
 
 
 def test_defaults_are_the_values_the_figures_were_measured_with():
-    assert PLECConfig() == PLECConfig(threshold=0.5, beta=0.97, decay=0.95, lead=None)
+    assert PLECConfig() == PLECConfig(threshold=0.5, spare_threshold=0.2, beta=0.97, decay=0.95, lead=None)
     policy = PLECPolicy(4, [0, 1], 8, 2)
     assert policy.config == PLECConfig()
     policy.set_transfer_time(1 / 15)  # the simulator figures' transfer ratio: the lead they ran with, 1
@@ -24,6 +24,8 @@ def test_defaults_are_the_values_the_figures_were_measured_with():
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("threshold", 0.0, r"threshold .* must be in \(0, 1\], got 0.0"),
     ("threshold", 1.5, r"threshold .* must be in \(0, 1\], got 1.5"),
+    ("spare_threshold", 0.0, r"spare_threshold .* must be in \(0, 1\], got 0.0"),
+    ("spare_threshold", 1.5, r"spare_threshold .* must be in \(0, 1\], got 1.5"),
     ("beta", 0.0, r"beta .* must be in \(0, 1\], got 0.0"),
     ("beta", 1.01, r"beta .* must be in \(0, 1\], got 1.01"),
     ("decay", 1.0, r"decay .* must be in \[0, 1\), got 1.0"),
@@ -37,7 +39,8 @@ def test_an_out_of_range_knob_says_what_is_wrong_and_what_is_right(field, value,
         PLECConfig(**{field: value})
 
 
-@pytest.mark.parametrize(("field", "value"), [("threshold", 1.0), ("beta", 1.0), ("decay", 0.0), ("lead", 0)])
+@pytest.mark.parametrize(("field", "value"), [("threshold", 1.0), ("spare_threshold", 1.0), ("beta", 1.0),
+                                             ("decay", 0.0), ("lead", 0)])
 def test_the_closed_ends_of_the_ranges_are_allowed(field, value):
     assert getattr(PLECConfig(**{field: value}), field) == value
 
@@ -46,6 +49,36 @@ def test_threshold_picks_what_the_plan_prefetches():
     forecast = {(0, 1): 0.9, (1, 2): 0.6, (1, 3): 0.3}
     assert PLECPolicy(4, [0, 1], 8, 1).plan(forecast) == [(0, 1), (1, 2)]
     assert PLECPolicy(4, [0, 1], 8, 1, PLECConfig(threshold=0.8)).plan(forecast) == [(0, 1)]
+
+
+SPARE_FORECAST = {(0, 1): 0.9, (0, 2): 0.4, (0, 3): 0.3, (0, 4): 0.25, (0, 5): 0.1,
+                  (1, 1): 0.6, (1, 2): 0.7, (1, 3): 0.55, (1, 4): 0.3}
+CONFIDENT = [(0, 1), (1, 2), (1, 1), (1, 3)]
+
+
+def _plan(layers_per_transfer: float, config: PLECConfig = PLECConfig()) -> list[tuple[int, int]]:
+    policy = PLECPolicy(16, [0, 1], 8, 2, config)
+    policy.set_transfer_time(layers_per_transfer)
+    return policy.plan(SPARE_FORECAST)
+
+
+def test_a_fast_link_also_prefetches_less_likely_keys_up_to_a_layers_room():
+    # 3 transfers per layer: layer 0's one confident key leaves room for its two likeliest spare keys (0.25
+    # is the third; 0.1 is below spare_threshold), layer 1's three leave none for (1, 4)
+    assert _plan(1 / 3) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 1), (1, 3)]
+    assert _plan(1 / 30)[:5] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2)]  # room for all, down to 0.2
+    assert (1, 4) in _plan(1 / 30) and (0, 5) not in _plan(1 / 30)
+
+
+@pytest.mark.parametrize("layers_per_transfer", [0.0, 0.8, 2.0])  # unknown, a bit more than a layer's room, a disk read
+def test_a_link_without_room_to_spare_prefetches_the_confident_keys_only(layers_per_transfer):
+    assert _plan(layers_per_transfer) == CONFIDENT
+
+
+def test_a_spare_threshold_at_or_above_the_threshold_adds_nothing():
+    assert _plan(1 / 30, PLECConfig(spare_threshold=0.5)) == CONFIDENT
+    assert _plan(1 / 30, PLECConfig(threshold=0.3, spare_threshold=0.9)) == [
+        (0, 1), (0, 2), (0, 3), (1, 2), (1, 1), (1, 3), (1, 4)]  # p >= threshold, no spare floor below it
 
 
 def test_beta_and_decay_set_the_values():

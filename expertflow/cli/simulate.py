@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
                    help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, beta, decay, lead)")
+                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, "
+                        "spare_threshold, beta, decay, lead)")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
                    "default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")

@@ -12,14 +12,15 @@ D: u is a running estimate of per-forward use (an exponential moving average, DE
 traces it is a calibrated estimate of the next forward's use). A study forecast that also covers the h
 forwards after the coming one (`LookaheadForecast`, simulator only) replaces the guess by the known
 chances: later(D) = sum_j P(first next use in forward j) * BETA**(D + j L) + P(none of them) * u-term.
-BETA, DECAY, THRESHOLD and LEAD are `PLECConfig`'s beta, decay, threshold and lead.
+BETA, DECAY, THRESHOLD, SPARE and LEAD are `PLECConfig`'s beta, decay, threshold, spare_threshold and lead.
 
 The paper's parts, in these terms:
 - slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
   its keys out-value others', so layers with more likely experts get more slots, no fixed quota;
 - the most probable experts prefetched before execution: the plan lists the forward's keys with
-  p >= THRESHOLD, by layer (deadline) then probability; a prefetch into a free slot is always taken,
-  one that must evict is admitted only when it out-values the cheapest resident and its layer is at most
+  p >= THRESHOLD, and where the link has room to spare in a layer's compute (a fast link) the layer's
+  next likeliest down to p >= SPARE, by layer (deadline) then probability; a prefetch into a free slot is
+  always taken, one that must evict is admitted only when it out-values the cheapest resident and its layer is at most
   LEAD layers ahead (an eviction decided later can pick a slot of a layer that has run; LEAD is one
   transfer's time in layers, measured live or modeled from the simulator's transfer ratio, unless set);
 - finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
@@ -33,6 +34,8 @@ The paper's parts, in these terms:
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +48,7 @@ class PLECConfig:
     """PLEC's knobs; the engine and the simulator run `PLECConfig()`, these defaults."""
 
     threshold: float = 0.5  # forecast probability worth a prefetch
+    spare_threshold: float = 0.2  # ... worth one where the link has room to spare in its layer (see `_spare`)
     beta: float = 0.97      # value discount per layer of distance to the use
     decay: float = 0.95     # per-forward decay of the usage average u (beta and decay: 0.1-6% fewer replayed
                             # loads than 0.9 / 0.9 on every eval point, docs/results/cache-policies.md, session 6)
@@ -55,6 +59,9 @@ class PLECConfig:
         if not 0 < self.threshold <= 1:
             raise ValueError(f"PLEC threshold is the forecast probability worth a prefetch and must be in (0, 1], "
                              f"got {self.threshold}")
+        if not 0 < self.spare_threshold <= 1:
+            raise ValueError(f"PLEC spare_threshold is the forecast probability worth a prefetch the link has room "
+                             f"for and must be in (0, 1], got {self.spare_threshold}")
         if not 0 < self.beta <= 1:
             raise ValueError(f"PLEC beta is the value discount per layer of distance and must be in (0, 1], "
                              f"got {self.beta}")
@@ -98,11 +105,31 @@ class PLECPolicy(CachePolicy):
         self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0 and self.in_forward(k[0])}
         self._later = forecast.later if isinstance(forecast, LookaheadForecast) else ()
         self._prefetched = set()
-        self._mispredicted -= {k for k, p in self._forecast.items() if p >= self.config.threshold}
+        wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
+        wanted += self._spare(wanted)
+        self._mispredicted -= set(wanted)
         self._cheapest = None
         self._values = {}
-        wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
         return sorted(wanted, key=lambda k: (self.position(k[0]), -self._forecast[k], k[1]))
+
+    def _spare(self, confident: list[Key]) -> list[Key]:
+        """Less likely keys (spare_threshold <= p < threshold), most likely first, for the layers whose
+        confident prefetches leave room on the link: a layer's compute moves 1 / transfer_layers experts,
+        so a fast link (a host-RAM copy of a small expert: dozens per layer) speculates deeper for free,
+        while a disk read of ~2 layers leaves no room and the plan stays the confident keys. Unknown
+        transfer time (0: the live cache's first forward) leaves no room either."""
+        floor = min(self.config.spare_threshold, self.config.threshold)
+        per_layer = 1.0 / self.transfer_layers if self.transfer_layers > 0 else 0.0
+        room = Counter({layer: math.floor(per_layer) for layer in self.forward_layers})
+        room.subtract(k[0] for k in confident)
+        spare = sorted((k for k, p in self._forecast.items() if floor <= p < self.config.threshold),
+                       key=lambda k: (-self._forecast[k], k))
+        taken = []
+        for key in spare:
+            if room[key[0]] > 0:
+                room[key[0]] -= 1
+                taken.append(key)
+        return taken
 
     def on_layer(self, layer: int, used: Sequence[Key]) -> list[Key]:
         self._running = self.position(layer)
