@@ -123,6 +123,8 @@ def test_policy_settings_replay_like_the_defaults_when_equal_and_count_when_not(
                                  SimConfig("expertflow", 40, 1, transfer_ratio=4, policy_settings=knobs)).counters
     named = run(())
     assert run((("threshold", 0.5),)) == named
-    assert named.prefetch_loads == 0 < run((("threshold", 0.3),)).prefetch_loads  # forecasts of 0.4
+    assert named.prefetch_loads > 0  # forecasts of 0.4: spare prefetches, the link moves 4 per layer
+    confident_only = run((("spare_threshold", 0.5),))
+    assert confident_only.prefetch_loads == 0 < run((("spare_threshold", 0.5), ("threshold", 0.3))).prefetch_loads
     with pytest.raises(ExpertflowError, match="policy 'lru' has no settings"):
         simulate(forwards, layers, 32, 2, SimConfig("lru", 40, 1, policy_settings=(("threshold", 0.3),)))
