@@ -5,7 +5,7 @@ it (`SimConfig.policy_settings`); Belady's MIN is the floor. Tune on splits the 
 400-499), then check the chosen setting on the eval traces. Prints a table, ends with one JSON line.
 
     python bench/plec_settings.py --traces results/traces/xsum_tune.safetensors results/traces/wmt16_tune.safetensors \
-        --threshold 0.3,0.4,0.5 --beta 0.9 --cache-experts 10%,25% --batch-size 1,8,16 [--transfer-ratio 15]
+        --threshold 0.3,0.4,0.5 --lead none,1 --cache-experts 10%,25% --batch-size 1,8,16 [--transfer-ratio 15]
 """
 
 from __future__ import annotations
@@ -53,22 +53,28 @@ def study(path: Path, predictor: str, settings: list[PLECConfig], caches: list[s
     return rows
 
 
+def _lead(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
+
+
 def main() -> None:
+    default = PLECConfig()  # each knob's default is the engine's own, so an unswept knob stays as shipped
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", nargs="+", type=Path, required=True)
     parser.add_argument("--predictor", default=str(EMBEDDED_PREDICTOR_DIR))
-    parser.add_argument("--threshold", default="0.5")
-    parser.add_argument("--spare-threshold", default="0.2")
-    parser.add_argument("--beta", default="0.9")
-    parser.add_argument("--decay", default="0.9")
-    parser.add_argument("--lead", default="1")
+    parser.add_argument("--threshold", default=str(default.threshold))
+    parser.add_argument("--spare-threshold", default=str(default.spare_threshold))
+    parser.add_argument("--beta", default=str(default.beta))
+    parser.add_argument("--decay", default=str(default.decay))
+    parser.add_argument("--lead", default=str(default.lead), help="layers, comma-separated; none: measured")
     parser.add_argument("--cache-experts", default="10%,25%")
     parser.add_argument("--batch-size", default="1,8,16")
     parser.add_argument("--transfer-ratio", type=float, default=15.0)
     args = parser.parse_args()
-    settings = [PLECConfig(threshold=t, spare_threshold=sp, beta=b, decay=d, lead=int(lead))
+    leads = [_lead(t) for t in args.lead.split(",") if t.strip()]
+    settings = [PLECConfig(threshold=t, spare_threshold=sp, beta=b, decay=d, lead=lead)
                 for t, sp, b, d, lead in itertools.product(_floats(args.threshold), _floats(args.spare_threshold),
-                                                           _floats(args.beta), _floats(args.decay), _floats(args.lead))]
+                                                           _floats(args.beta), _floats(args.decay), leads)]
     caches = [c.strip() for c in args.cache_experts.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     rows = [row for path in args.traces

@@ -138,9 +138,9 @@ class Residency:
         self._unused_prefetches.clear()
 
     def can_take(self, key: Key) -> bool:
-        """Whether a use of `key` now would find it a slot: resident, a free slot, or a resident not pinned
-        (a global pool's policy evicts any unpinned one)."""
-        return key in self.slot_of or bool(self._free) or len(self._pins) < len(self.slot_of)
+        """Whether a use of `key` now would find it a slot: resident, or a slot its policy would give it."""
+        return key in self.slot_of or self.policy.can_place(key, self.slot_of.keys(), self._pins.keys(),
+                                                              full=not self._free)
 
     def pin(self, key: Key) -> None:
         self._pins[key] += 1

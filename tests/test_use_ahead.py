@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from expertflow.cache import ExpertCache
+from expertflow.policies import POLICIES
 from expertflow.policies.lru import LRUPolicy
 from expertflow.policies.planner import CachePlanner
 from expertflow.policies.plec import PLECPolicy
@@ -104,3 +105,28 @@ def test_no_key_is_used_ahead_when_every_slot_is_pinned():
     planner.release((0, 5))
     assert [k for k, _ in planner.use((0, 6))] == [(0, 6)]  # its own turn: it evicts (0, 5)
     assert set(residency.slot_of) == {(1, 0), (0, 6)}
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_layer_that_owns_its_slots_has_no_room_while_its_own_are_pinned(policy):
+    """Free slots of another layer's share are no room for this layer: the policy answers, not the pool."""
+    residency = Residency(4, POLICIES[policy](4, [0, 1], 8, 2))
+    for key in [(0, 1), (0, 2)]:
+        residency.use(key)
+        residency.pin(key)
+    assert not residency.can_take((0, 3))  # layer 0's two slots are pinned; layer 1's two are free
+    assert residency.can_take((1, 3))
+    assert residency.can_take((0, 1))  # resident
+    residency.unpin((0, 2))
+    assert residency.can_take((0, 3))
+
+
+def test_a_global_pool_has_room_while_any_resident_is_unpinned():
+    residency = Residency(2, PLECPolicy(2, [0, 1], 8, 2))
+    residency.use((0, 1))
+    residency.pin((0, 1))
+    assert residency.can_take((1, 3))  # a free slot
+    residency.use((1, 3))
+    assert residency.can_take((0, 4))  # (1, 3) is unpinned
+    residency.pin((1, 3))
+    assert not residency.can_take((0, 4))

@@ -102,6 +102,13 @@ class CachePolicy(ABC):
     def on_evict(self, key: Key) -> None:
         """A resident expert left the cache."""
 
+    def can_place(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        """Whether a load of `key` now would find a slot: `victim` would name an unpinned resident or a free slot.
+
+        A global pool has one whenever a slot is free or a resident is unpinned (`pinned` are residents);
+        a policy whose layers own their slots overrides this."""
+        return not full or len(pinned) < len(resident)
+
     @abstractmethod
     def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
         """The resident to evict so that `key` can be loaded, or None to take a free slot.

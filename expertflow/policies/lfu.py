@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 
 from expertflow.policies.base import CachePolicy, Key
-from expertflow.policies.lru import LRUPolicy, split_evenly
+from expertflow.policies.lru import LRUPolicy, layer_can_place, split_evenly
 
 
 class LFUPolicy(CachePolicy):
@@ -40,6 +40,9 @@ class LFUPolicy(CachePolicy):
 
     def on_evict(self, key: Key) -> None:
         self._resident[key[0]].discard(key)
+
+    def can_place(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        return layer_can_place(self._resident[key[0]], self.quota[key[0]], pinned)
 
     def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
         layer = self._resident[key[0]]

@@ -14,6 +14,11 @@ def split_evenly(capacity: int, layers: Sequence[int]) -> dict[int, int]:
     return {layer: base + (1 if i < extra else 0) for i, layer in enumerate(layers)}
 
 
+def layer_can_place(layer_residents: Collection[Key], quota: int, pinned: Collection[Key]) -> bool:
+    """A layer that owns `quota` slots has one for a new key: a share not yet used, or an unpinned resident."""
+    return len(layer_residents) < quota or any(k not in pinned for k in layer_residents)
+
+
 class LRUPolicy(CachePolicy):
     name = "lru"
 
@@ -38,6 +43,9 @@ class LRUPolicy(CachePolicy):
 
     def on_evict(self, key: Key) -> None:
         del self._recency[key[0]][key]
+
+    def can_place(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> bool:
+        return layer_can_place(self._recency[key[0]], self.quota[key[0]], pinned)
 
     def victim(self, key: Key, resident: Collection[Key], pinned: Collection[Key], full: bool) -> Key | None:
         layer = self._recency[key[0]]
