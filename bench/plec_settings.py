@@ -1,4 +1,4 @@
-"""PLEC's knobs (PLECConfig: threshold, spare_threshold, beta, decay, lead) swept on tuning traces with the shipped RPP.
+"""PLEC's knobs (PLECConfig: threshold, spare_threshold, beta, decay, lead, refetch_discount) swept on tuning traces with the shipped RPP.
 
 Each setting replays the same decode batches through `expertflow.simulator.sweep` with PLEC built with
 it (`SimConfig.policy_settings`); Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
@@ -67,23 +67,25 @@ def main() -> None:
     parser.add_argument("--beta", default=str(default.beta))
     parser.add_argument("--decay", default=str(default.decay))
     parser.add_argument("--lead", default=str(default.lead), help="layers, comma-separated; none: measured")
+    parser.add_argument("--refetch-discount", default=str(default.refetch_discount))
     parser.add_argument("--cache-experts", default="10%,25%")
     parser.add_argument("--batch-size", default="1,8,16")
     parser.add_argument("--transfer-ratio", type=float, default=15.0)
     args = parser.parse_args()
     leads = [_lead(t) for t in args.lead.split(",") if t.strip()]
-    settings = [PLECConfig(threshold=t, spare_threshold=sp, beta=b, decay=d, lead=lead)
-                for t, sp, b, d, lead in itertools.product(_floats(args.threshold), _floats(args.spare_threshold),
-                                                           _floats(args.beta), _floats(args.decay), leads)]
+    settings = [PLECConfig(threshold=t, spare_threshold=sp, beta=b, decay=d, lead=lead, refetch_discount=r)
+                for t, sp, b, d, lead, r in itertools.product(_floats(args.threshold), _floats(args.spare_threshold),
+                                                              _floats(args.beta), _floats(args.decay), leads,
+                                                              _floats(args.refetch_discount))]
     caches = [c.strip() for c in args.cache_experts.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     rows = [row for path in args.traces
             for row in study(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
     print_table(f"PLEC settings, transfer ratio {args.transfer_ratio}, predictor {args.predictor}",
-                ("traces", "cache", "batch", "threshold", "spare", "beta", "decay", "lead", "hit ratio", "loads", "wasted",
+                ("traces", "cache", "batch", "threshold", "spare", "beta", "decay", "lead", "refetch", "hit ratio", "loads", "wasted",
                  "loads/belady"),
                 [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["spare_threshold"]), str(r["beta"]), str(r["decay"]),
-                  str(r["lead"]), f"{r['hit_ratio']:.3f}", str(r["loads"]), str(r["wasted"]),
+                  str(r["lead"]), str(r["refetch_discount"]), f"{r['hit_ratio']:.3f}", str(r["loads"]), str(r["wasted"]),
                   f"{r['loads_vs_belady']:.2f}"] for r in rows])
     print_json_line({"results": rows})
 

@@ -14,7 +14,8 @@ from expertflow.simulator import Forward, replay_forward
 
 
 def test_defaults_are_the_values_the_figures_were_measured_with():
-    assert PLECConfig() == PLECConfig(threshold=0.5, spare_threshold=0.2, beta=0.97, decay=0.95, lead=None)
+    assert PLECConfig() == PLECConfig(threshold=0.5, spare_threshold=0.2, beta=0.97, decay=0.95, lead=None,
+                                      refetch_discount=0.5)
     policy = PLECPolicy(4, [0, 1], 8, 2)
     assert policy.config == PLECConfig()
     policy.set_transfer_time(1 / 15)  # the simulator figures' transfer ratio: the lead they ran with, 1
@@ -30,6 +31,8 @@ def test_defaults_are_the_values_the_figures_were_measured_with():
     ("beta", 1.01, r"beta .* must be in \(0, 1\], got 1.01"),
     ("decay", 1.0, r"decay .* must be in \[0, 1\), got 1.0"),
     ("decay", -0.1, r"decay .* must be in \[0, 1\), got -0.1"),
+    ("refetch_discount", 0.0, r"refetch_discount .* must be in \(0, 1\], got 0.0"),
+    ("refetch_discount", 1.5, r"refetch_discount .* must be in \(0, 1\], got 1.5"),
     ("lead", -1, r"lead .* must be an integer >= 0, got -1"),
     ("lead", 0.5, r"lead .* must be an integer >= 0, got 0.5"),
     ("lead", True, r"lead .* must be an integer >= 0, got True"),
@@ -40,7 +43,7 @@ def test_an_out_of_range_knob_says_what_is_wrong_and_what_is_right(field, value,
 
 
 @pytest.mark.parametrize(("field", "value"), [("threshold", 1.0), ("spare_threshold", 1.0), ("beta", 1.0),
-                                             ("decay", 0.0), ("lead", 0)])
+                                             ("decay", 0.0), ("lead", 0), ("refetch_discount", 1.0)])
 def test_the_closed_ends_of_the_ranges_are_allowed(field, value):
     assert getattr(PLECConfig(**{field: value}), field) == value
 
@@ -89,6 +92,40 @@ def test_beta_and_decay_set_the_values():
     policy.on_layer(0, [(0, 1)])
     policy.on_hit((0, 1))
     assert policy.value((0, 1)) == pytest.approx((1 - 0.75) * 0.5**3)  # u = 1 - decay, next forward 3 away
+
+
+@pytest.mark.parametrize(("layers_per_transfer", "discount", "worth"), [
+    (1 / 30, 0.5, 0.5 * 0.25 * 0.5**3),  # 30 loads per layer: room to spare, so the later worth is scaled
+    (1 / 30, 1.0, 0.25 * 0.5**3),
+    (2.0, 0.5, 0.25 * 0.5**3),           # a disk read of 2 layers: no room, the later worth stands
+    (0.0, 0.5, 0.25 * 0.5**3),           # unknown transfer time: no room
+])
+def test_refetch_discount_scales_a_residents_later_worth_where_the_link_has_room(layers_per_transfer, discount,
+                                                                                  worth):
+    policy = PLECPolicy(4, [0, 1, 2], 8, 1, PLECConfig(beta=0.5, decay=0.75, refetch_discount=discount))
+    policy.set_transfer_time(layers_per_transfer)
+    policy.plan({(2, 0): 1.0})
+    policy.on_layer(0, [(0, 1)])
+    policy.on_hit((0, 1))
+    assert policy.value((0, 1)) == pytest.approx(worth)  # u = 1 - decay, its next use 3 layers away
+    assert policy.value((2, 0)) == pytest.approx(0.5**2)  # this forward's forecast is not discounted
+
+
+@pytest.mark.parametrize(("layers_per_transfer", "discount", "admitted"), [
+    (1 / 30, 0.25, True),   # the finished layer's resident is worth 0.25 now: a 0.3 speculation takes its slot
+    (1 / 30, 1.0, False),   # undiscounted it is worth 1.0
+    (1.0, 0.25, False),     # one read per layer: layer 0's confident key fills its room, so (0, 0) keeps its worth
+])
+def test_on_a_fast_link_a_speculative_key_takes_a_finished_layers_slot(layers_per_transfer, discount, admitted):
+    policy = PLECPolicy(1, [0, 1, 2], 4, 1, PLECConfig(beta=1.0, decay=0.0, spare_threshold=0.2,
+                                                      refetch_discount=discount))
+    policy.set_transfer_time(layers_per_transfer)
+    policy.on_load((0, 0))
+    policy.plan({(0, 0): 0.9, (2, 3): 0.3})
+    policy.on_layer(0, [(0, 0)])
+    policy.on_hit((0, 0))
+    policy.on_layer(1, [])  # layer 0 ran: (0, 0) is worth u = 1 to the next forward; (2, 3) is next
+    assert policy.admit((2, 3), {(0, 0)}, (), full=True) is admitted
 
 
 @pytest.mark.parametrize(("lead", "admitted"), [(0, False), (1, True)])

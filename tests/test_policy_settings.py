@@ -30,7 +30,7 @@ def test_settings_build_the_policy_with_them() -> None:
 
 @pytest.mark.parametrize("name, settings, message", [
     ("lru", {"threshold": 0.2}, "policy 'lru' has no settings (threshold given); threshold applies to policy expertflow"),
-    ("expertflow", {"treshold": 0.2}, "policy 'expertflow' has no setting 'treshold'; it has beta, decay, lead, spare_threshold, threshold"),
+    ("expertflow", {"treshold": 0.2}, "policy 'expertflow' has no setting 'treshold'; it has beta, decay, lead, refetch_discount, spare_threshold, threshold"),
     ("expertflow", {"threshold": 0.0}, "PLEC threshold is the forecast probability worth a prefetch and must be in (0, 1]"),
 ])
 def test_misplaced_or_bad_settings_are_one_line_errors(name: str, settings: dict, message: str) -> None:

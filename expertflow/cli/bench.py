@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the expertflow system's forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a knob of the expertflow system's cache policy, repeatable: lead=3 (PLECConfig: "
-                        "threshold, spare_threshold, beta, decay, lead)")
+                        "threshold, spare_threshold, beta, decay, lead, refetch_discount)")
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")

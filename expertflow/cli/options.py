@@ -39,7 +39,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                              "prefetches more: more hits, more loads)")
     parser.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                         help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, "
-                             "spare_threshold, beta, decay, lead)")
+                             "spare_threshold, beta, decay, lead, refetch_discount)")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N",
                         help="expert transfers run at once by policies that prefetch (ring, pregated, "
                              "expertflow); lru and lfu load on demand, one at a time (default 1)")

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, "
-                        "spare_threshold, beta, decay, lead)")
+                        "spare_threshold, beta, decay, lead, refetch_discount)")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
                    "default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
