@@ -177,7 +177,7 @@ class PLECPolicy(CachePolicy):
         Where the link has room in the key's layer, keeping the key is worth less than that chance: evicted, a
         key the forecast then rates likely is prefetched again in time, so keeping it saves a load, not a miss.
         Scaling by refetch_discount lets this forward's speculative keys take its slot (replayed at 30 loads
-        per layer, 25% of experts, batch 16: hit ratio 0.944 -> 0.965 on xsum for 10% more loads); a disk's
+        per layer, 25% of experts, batch 16: hit ratio 0.941 -> 0.963 on xsum for 11% more loads); a disk's
         1-2 layers per read leave no room, so its plan is unchanged."""
         steps = len(self.forward_layers)
         value, unused = 0.0, 1.0
