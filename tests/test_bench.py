@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -87,6 +88,19 @@ def test_config_checks_systems_and_predictor(tiny_mixtral_dir: Path, tmp_path: P
         BenchConfig(systems=["lru", "fast"], **base)
     with pytest.raises(ExpertflowError, match="--predictor"):
         BenchConfig(systems=["expertflow"], **base)
+
+
+def test_bench_plans_the_embedded_model_and_its_widened_copies_from_the_shipped_predictor(
+        tiny_mixtral_dir: Path, tmp_path: Path) -> None:
+    from expertflow.cli.bench import _predictor
+    from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
+
+    def args(model: Path, predictor: Path | None = None) -> argparse.Namespace:
+        return argparse.Namespace(model=model, predictor=predictor)
+
+    assert _predictor(args(EMBEDDED_MODEL_DIR)) == EMBEDDED_PREDICTOR_DIR  # --widen N widens this --model
+    assert _predictor(args(EMBEDDED_MODEL_DIR, tmp_path)) == tmp_path
+    assert _predictor(args(tiny_mixtral_dir)) is None  # another model: BenchConfig asks for --predictor
 
 
 def test_markdown_names_the_reference(tmp_path: Path) -> None:

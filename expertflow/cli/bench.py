@@ -21,7 +21,7 @@ from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
 from expertflow.cli.report import print_json_line, print_table
 from expertflow.datasets import load_prompts
-from expertflow.embedded import EMBEDDED_MODEL_DIR
+from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
 from expertflow.policies import cli_settings
 from expertflow.widen import widen_checkpoint
@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--page-cache", action="store_true",
                    help="let disk reads hit the OS page cache (default: bypass it, so disk means disk: the engine "
                         "reads with O_DIRECT, accelerate runs in a memory cgroup that bounds its page cache)")
-    p.add_argument("--predictor", type=Path, default=None, metavar="DIR", help="RPP for the expertflow system")
+    p.add_argument("--predictor", type=Path, default=None, metavar="DIR",
+                   help="RPP for the expertflow system (default for the embedded model and its widened copies: "
+                        "its shipped RPP)")
     p.add_argument("--scheduler", default=None, choices=ENGINE_SCHEDULERS,
                    help="token scheduler of the expertflow system (default exhaustive: exact for units of up to "
                         "2 x 9, swap above)")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         model=model, systems=_names(args.systems), cache_sizes=_cache_sizes(args),
         batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
-        drop_page_cache=not args.page_cache, predictor=args.predictor,
+        drop_page_cache=not args.page_cache, predictor=_predictor(args),
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
         max_new_tokens=args.max_new_tokens, threads=args.threads, io_threads=args.io_threads, repeats=args.repeats,
         policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting), dataset=args.dataset,
@@ -100,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line(json_line(doc))
     return 0
+
+
+def _predictor(args: argparse.Namespace) -> Path | None:
+    """--predictor, else the shipped RPP when the model is the embedded one: widening pads experts with zeros and
+    leaves the routing exactly as it was, so a widened copy plans from the same predictor."""
+    if args.predictor is not None or args.model.resolve() != EMBEDDED_MODEL_DIR.resolve():
+        return args.predictor
+    return EMBEDDED_PREDICTOR_DIR
 
 
 def _widened(args: argparse.Namespace) -> Path:
