@@ -23,7 +23,7 @@ from expertflow.cli.report import print_json_line, print_table
 from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import cli_settings
+from expertflow.policies import cli_settings, setting_names
 from expertflow.widen import widen_checkpoint
 
 DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the expertflow system's forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a knob of the expertflow system's cache policy, repeatable: lead=3 (PLECConfig: "
-                        "threshold, spare_threshold, beta, decay, lead, refetch_discount)")
+                        f"{setting_names('expertflow')})")
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")

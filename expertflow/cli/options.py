@@ -9,7 +9,7 @@ import torch
 
 from expertflow.config import EngineConfig, parse_size
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES, cli_settings
+from expertflow.policies import POLICIES, cli_settings, setting_names
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="policy expertflow: the forecast probability worth a prefetch (default 0.5; lower "
                              "prefetches more: more hits, more loads)")
     parser.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
-                        help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, "
-                             "spare_threshold, beta, decay, lead, refetch_discount)")
+                        help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: "
+                             f"{setting_names('expertflow')})")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N",
                         help="expert transfers run at once by policies that prefetch (ring, pregated, "
                              "expertflow); lru and lfu load on demand, one at a time (default 1)")

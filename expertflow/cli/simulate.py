@@ -9,7 +9,7 @@ from pathlib import Path
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES, cli_settings, policy_settings
+from expertflow.policies import POLICIES, cli_settings, policy_settings, setting_names
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
 
@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
                    help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: threshold, "
-                        "spare_threshold, beta, decay, lead, refetch_discount)")
+                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: "
+                        f"{setting_names('expertflow')})")
     p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
                    "default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")

@@ -41,6 +41,11 @@ def policy_settings(name: str, settings: Mapping[str, object]) -> object | None:
         raise ExpertflowError(str(exc)) from None
 
 
+def setting_names(name: str) -> str:
+    """The policy's knobs, comma-separated in their settings class's order (for CLI help)."""
+    return ", ".join(f.name for f in fields(policy_class(name).settings_class))
+
+
 def cli_settings(threshold: float | None = None, pairs: Sequence[str] = ()) -> dict[str, float]:
     """The CLI's --prefetch-threshold P (PLECConfig's `threshold`) and --policy-setting KEY=VALUE pairs as
     one settings dict, numbers parsed (integers stay integers); a one-line error for a malformed pair."""

@@ -112,23 +112,29 @@ class PLECPolicy(CachePolicy):
         self._later = forecast.later if isinstance(forecast, LookaheadForecast) else ()
         self._prefetched = set()
         wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
-        wanted += self._spare(wanted)
+        room = self._link_room(wanted)
+        self._roomy = frozenset(layer for layer, free in room.items() if free > 0)
+        wanted += self._spare(room)
         self._mispredicted -= set(wanted)
         self._cheapest = None
         self._values = {}
         return sorted(wanted, key=lambda k: (self.position(k[0]), -self._forecast[k], k[1]))
 
-    def _spare(self, confident: list[Key]) -> list[Key]:
-        """Less likely keys (spare_threshold <= p < threshold), most likely first, for the layers whose
-        confident prefetches leave room on the link: a layer's compute moves 1 / transfer_layers experts,
-        so a fast link (a host-RAM copy of a small expert: dozens per layer) speculates deeper for free,
-        while a disk read of ~2 layers leaves no room and the plan stays the confident keys. Unknown
-        transfer time (0: the live cache's first forward) leaves no room either."""
-        floor = min(self.config.spare_threshold, self.config.threshold)
+    def _link_room(self, confident: list[Key]) -> Counter[int]:
+        """Per layer, the transfers the link has left in that layer's compute after its confident keys: a layer's
+        compute moves 1 / transfer_layers experts, so a fast link (a host-RAM copy of a small expert: dozens
+        per layer) has room, while a disk read of ~2 layers has none. Unknown transfer time (0: the live
+        cache's first forward) has none either."""
         per_layer = 1.0 / self.transfer_layers if self.transfer_layers > 0 else 0.0
         room = Counter({layer: math.floor(per_layer) for layer in self.forward_layers})
         room.subtract(k[0] for k in confident)
-        self._roomy = frozenset(layer for layer in self.forward_layers if room[layer] > 0)
+        return room
+
+    def _spare(self, room: Counter[int]) -> list[Key]:
+        """Less likely keys (spare_threshold <= p < threshold), most likely first, as many per layer as the
+        link has `room` for: a fast link speculates deeper for free, a disk's plan stays the confident keys."""
+        floor = min(self.config.spare_threshold, self.config.threshold)
+        room = room.copy()
         spare = sorted((k for k, p in self._forecast.items() if floor <= p < self.config.threshold),
                        key=lambda k: (-self._forecast[k], k))
         taken = []
