@@ -69,9 +69,12 @@ def features(predictor: RoutingPredictor, paths: list[Path], generated_only: boo
     return torch.tensor(np.concatenate(logits), dtype=torch.float32), torch.tensor(np.concatenate(targets), dtype=torch.float32)
 
 
-def _inputs(logits: torch.Tensor, targets: torch.Tensor, layer: int, with_logits: bool) -> torch.Tensor:
+def _refined(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, layer: int, with_logits: bool) -> torch.Tensor:
+    """The refiner's logits for `layer`: from the true earlier layers, and residually on the predictor's logits."""
     history = targets[:, :layer].reshape(len(targets), -1)
-    return torch.cat([logits[:, layer], history], 1) if with_logits else history
+    if not with_logits:
+        return model(history)
+    return model(torch.cat([logits[:, layer], history], 1)) + logits[:, layer]
 
 
 def train_refiner(logits: torch.Tensor, targets: torch.Tensor, layer: int, with_logits: bool,
@@ -82,10 +85,9 @@ def train_refiner(logits: torch.Tensor, targets: torch.Tensor, layer: int, with_
         nn.init.zeros_(model[2].weight)
         nn.init.zeros_(model[2].bias)
     opt = torch.optim.AdamW(model.parameters(), 2e-3)
-    x, base = _inputs(logits, targets, layer, with_logits), logits[:, layer] if with_logits else 0.0
     for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(512):
-            out = model(x[batch]) + (base[batch] if with_logits else 0.0)
+        for batch in torch.randperm(len(targets)).split(512):
+            out = _refined(model, logits[batch], targets[batch], layer, with_logits)
             loss = F.binary_cross_entropy_with_logits(out, targets[batch, layer])
             opt.zero_grad()
             loss.backward()
@@ -123,8 +125,8 @@ def main() -> None:
         rows = {}
         with torch.no_grad():
             for layer in layers:
-                refined = refiners[(layer, True)](_inputs(x, y, layer, True)) + x[:, layer]
-                history = refiners[(layer, False)](_inputs(x, y, layer, False))
+                refined = _refined(refiners[(layer, True)], x, y, layer, True)
+                history = _refined(refiners[(layer, False)], x, y, layer, False)
                 rows[layer] = {"rpp": round(top2_recall(x[:, layer], y[:, layer]), 4),
                                "rpp_plus_earlier": round(top2_recall(refined, y[:, layer]), 4),
                                "earlier_only": round(top2_recall(history, y[:, layer]), 4)}
