@@ -84,6 +84,41 @@ def test_lookup_uses_pairs_then_tokens_then_popularity() -> None:
     assert tables.popularity.sum(-1) == pytest.approx([1.0, 1.0])
 
 
+
+def test_lookup_tables_equal_dense_counts_with_no_expert_entries() -> None:
+    """The tables count sparse (key, layer, expert) uses; a dense count per key with a stable sort (ties
+    and never-used experts to the lower id) must give the same experts, NO_EXPERT entries included."""
+    rng = np.random.default_rng(3)
+    L, E, K, V = 3, 6, 2, 5
+    header = TraceHeader(model="m", num_layers=L, num_experts=E, top_k=K)
+    seqs = []
+    for _ in range(12):
+        n = int(rng.integers(2, 9))
+        routing = np.stack([[rng.choice(E, K, replace=False) for _ in range(L)] for _ in range(n)]).astype(np.int16)
+        routing[rng.random(routing.shape) < 0.3] = -1                  # some places route nowhere
+        ids = rng.integers(0, V, n)
+        seqs.append(TraceSequence(ids[:1], ids[1:], routing))
+    tables = build_tables([TraceSet(header, seqs)], vocab_size=V)
+
+    def dense(key_of) -> dict[int, np.ndarray]:
+        counts: dict[int, np.ndarray] = {}
+        for s in seqs:
+            for t in range(len(s.token_ids)):
+                key = key_of(s.token_ids, t)
+                if key is not None:
+                    counts.setdefault(key, np.zeros((L, E), int))[:] += routing_mask(s.routing[t:t + 1], E)[0]
+        return {k: np.argsort(-c, axis=-1, kind="stable")[:, :K] for k, c in counts.items()}
+
+    pairs = dense(lambda ids, t: int(ids[t - 1]) * V + int(ids[t]) if t else None)
+    assert tables.pair_keys.tolist() == sorted(pairs)
+    assert all(np.array_equal(tables.pair_experts[i], pairs[k]) for i, k in enumerate(tables.pair_keys.tolist()))
+    tokens = dense(lambda ids, t: int(ids[t]))
+    for v in range(V):
+        expected = tokens.get(v, np.full((L, K), -1))
+        assert np.array_equal(tables.token_experts[v], expected), v
+    uses = sum(routing_mask(s.routing, E).sum(0) for s in seqs)
+    assert np.allclose(tables.popularity, uses / sum(len(s.token_ids) for s in seqs) / K)
+
 def test_popularity_predicts_the_same_experts_for_everyone() -> None:
     prior = np.array([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.1, 0.4]])
     s = PopularityBaseline(prior).scores(make_sequence_traces().sequences[0], np.array([2, 3]))
