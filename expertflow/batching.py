@@ -62,6 +62,15 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class BatchRun:
+    """What one decode batch forward did: the scheduler's measure and the forecast's check."""
+
+    distinct: int                   # distinct (layer, expert) pairs the batch used
+    routing: np.ndarray             # (rows, L, K) the experts each row's token was routed to
+    forecast: np.ndarray | None     # (rows, L, E) the probabilities the batch was planned and scheduled from
+
+
+@dataclass(frozen=True)
 class ManyOutput:
     sequences: list[list[int]]           # generated ids per prompt, in input order
     stats: RunStats
@@ -69,6 +78,9 @@ class ManyOutput:
     decode_forwards: int
     schedule_seconds: float              # spent predicting and scheduling, on the worker
     schedule_wait_seconds: float         # of that, what the model waited for (not hidden by the pipeline)
+    # The RPP's batch-level accuracy over the run's decode batches as they ran (`MetricAccumulator.result`
+    # without a budget: b_acc, precision, f1, per_layer, ...); None without forecasts.
+    forecast_accuracy: dict | None = None
 
 
 class BatchRunner:
@@ -107,7 +119,8 @@ class BatchRunner:
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
                           activated_experts_per_batch=float(np.mean(session.distinct)) if session.distinct else 0.0,
                           decode_forwards=len(session.distinct), schedule_seconds=session.schedule_seconds,
-                          schedule_wait_seconds=session.schedule_wait)
+                          schedule_wait_seconds=session.schedule_wait,
+                          forecast_accuracy=session.accuracy.result() if session.accuracy.batches else None)
 
     # ---- the step's operations ----------------------------------------------------------------
     def admit(self, waiting: deque[Sequence], live: int) -> list[Batch]:
@@ -157,8 +170,14 @@ class BatchRunner:
         grouping = self._group(members)
         if grouping is None:
             return batches
-        kv = merge([b.kv for b in batches]) if len(batches) > 1 else batches[0].kv
-        return [Batch([members[i] for i in rows], select(kv, rows)) for rows in grouping]
+        # A new batch whose rows are an old batch's, in order, keeps that batch's KV as it is: only the others
+        # are merged and reindexed (the scheduler often keeps most batches).
+        start = np.cumsum([0] + [len(b.members) for b in batches])
+        kept = {tuple(range(start[i], start[i + 1])): b for i, b in enumerate(batches)}
+        moved = [rows for rows in grouping if tuple(rows) not in kept]
+        kv = (merge([b.kv for b in batches]) if len(batches) > 1 else batches[0].kv) if moved else None
+        return [kept[tuple(rows)] if tuple(rows) in kept else Batch([members[i] for i in rows], select(kv, rows))
+                for rows in grouping]
 
     @property
     def _predicts(self) -> bool:
@@ -180,7 +199,8 @@ class BatchRunner:
         """Rows of each new batch, or None to keep the batches as they are (fifo, or one batch)."""
         n = len(members)
         batches = math.ceil(n / self.batch_size)
-        if self.scheduler.name == "fifo" or batches == 1:
+        # Batches of one sequence activate that sequence's experts whatever the grouping: nothing to regroup.
+        if self.scheduler.name == "fifo" or batches == 1 or self.batch_size == 1:
             return None
         routing, probabilities = self._routing(members)
         size = math.ceil(n / batches)
@@ -201,21 +221,23 @@ class BatchRunner:
             ids = np.stack([s.last_routing for s in members]).astype(np.int64)
         return routing_paths(ids, self.parts.adapter.num_experts), False
 
-    def run_batch(self, batch: Batch) -> int:
-        """Forward each member's last token; returns the distinct (layer, expert) pairs the batch used."""
+    def run_batch(self, batch: Batch) -> BatchRun:
+        """Forward each member's last token."""
         rows = len(batch.members)
         mask = torch.cat([batch.kv.mask, torch.ones(rows, 1, dtype=batch.kv.mask.dtype,
                                                      device=batch.kv.mask.device)], dim=1)
         tokens = torch.tensor([[s.generated[-1]] for s in batch.members], device=self.engine.device)
+        probs = np.stack([s.forecast for s in batch.members]) if batch.members[0].forecast is not None else None
         forecast = None
-        if batch.members[0].forecast is not None and self.parts.policy.uses_forecast:
-            forecast = batch_forecast(np.stack([s.forecast for s in batch.members]), self.parts.layers)
+        if probs is not None and self.parts.policy.uses_forecast:
+            forecast = batch_forecast(probs, self.parts.layers)
         batch.logits, cache = self.engine.forward(tokens, mask, batch.kv.cache, forecast)
         batch.kv = KVBatch(cache, mask)
         routing = self._take_routing(rows, 1)[:, 0]  # (rows, L, K)
         for seq, r in zip(batch.members, routing):
             seq.last_routing = r
-        return len({(layer, int(e)) for r in routing for layer, experts in enumerate(r) for e in experts})
+        distinct = len({(layer, int(e)) for r in routing for layer, experts in enumerate(r) for e in experts})
+        return BatchRun(distinct, routing, probs)
 
     def _take_routing(self, rows: int, width: int) -> np.ndarray:
         return self.engine.recorder.take().reshape(rows, width, len(self.parts.layers), self.parts.adapter.top_k)

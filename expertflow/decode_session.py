@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from expertflow.predictor.metrics import MetricAccumulator, routing_mask
+
 if TYPE_CHECKING:  # batching imports this module to open sessions; only the annotations name its classes
     from expertflow.batching import Batch, BatchRunner, Sequence
 
@@ -31,6 +33,9 @@ class DecodeSession:
         self.waiting: deque[Sequence] = deque()
         self.finished: list[Sequence] = []
         self.distinct: list[int] = []          # distinct (layer, expert) pairs of each decode batch forward
+        adapter = runner.parts.adapter
+        # the forecasts' batch-level accuracy against the routing each decode batch then executed
+        self.accuracy = MetricAccumulator(len(runner.parts.layers), adapter.top_k, budget=None)
         self.schedule_seconds = 0.0
         self.schedule_wait = 0.0
         self._plans: dict[int, Future] = {}    # unit -> its regrouped batches, being planned on the worker
@@ -72,10 +77,13 @@ class DecodeSession:
 
     def _ran(self, batch: Batch) -> bool:
         try:
-            self.distinct.append(self.runner.run_batch(batch))
+            ran = self.runner.run_batch(batch)
         except Exception as exc:  # a fault inside the engine: this batch's sequences fail, the rest go on
             self._fail(batch.members, exc)
             return False
+        self.distinct.append(ran.distinct)
+        if ran.forecast is not None:
+            self.accuracy.add(routing_mask(ran.routing, ran.forecast.shape[-1]), ran.forecast)
         return True
 
     def _fail(self, sequences: list[Sequence], exc: Exception) -> None:

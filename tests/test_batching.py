@@ -86,6 +86,69 @@ def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
     assert out.activated_experts_per_batch == pytest.approx(np.mean(expected))
 
 
+def test_forecast_accuracy_scores_each_decode_batch_as_it_ran(tiny_mixtral_dir):
+    """fifo, one batch of three: per decode step, the live sequences' forecasts (the predictor's
+    probabilities for the token being fed) against the routing that token took, B_acc as eval-predictor
+    scores it. An oracle scores 1.0; a wrong predictor scores what the hand count says."""
+    from expertflow.predictor.metrics import MetricAccumulator, routing_mask
+    from tests.test_policy_exactness import HashPredictor, OraclePredictor
+
+    prompts = PROMPTS[:3]
+    ref = expertflow.from_pretrained(tiny_mixtral_dir).generate(input_ids=prompts, max_new_tokens=NEW_TOKENS,
+                                                                record_routing=True)
+    expected = MetricAccumulator(3, 2, budget=None)
+    wrong = HashPredictor(3, 8)
+    for step in range(max(map(len, ref.sequences)) - 1):
+        live = [i for i, g in enumerate(ref.sequences) if step < len(g) - 1]
+        truth = np.stack([ref.routing[i][len(prompts[i]) + step] for i in live])
+        scores = np.stack([wrong.per_token(list(prompts[i]) + ref.sequences[i][: step + 1])[-1] for i in live])
+        expected.add(routing_mask(truth, 8), scores)
+    for predictor, want in ((OraclePredictor(3, 8, prompts, ref), None), (wrong, expected.result())):
+        m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=12, policy="expertflow", predictor=predictor)
+        out = m.generate_many(input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS, pipeline=False)
+        m.close()
+        assert out.sequences == ref.sequences
+        got = out.forecast_accuracy
+        assert got["batches"] == out.decode_forwards == expected.batches
+        if want is None:
+            assert got["b_acc"] == got["precision"] == 1.0
+        else:
+            assert 0 < got["b_acc"] < 1 and got == pytest.approx(want)
+    plain = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=12).generate_many(
+        input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS)
+    assert plain.forecast_accuracy is None  # no predictor, no forecasts to score
+
+
+def test_a_batch_the_scheduler_keeps_keeps_its_kv_and_the_rest_are_moved(tiny_mixtral_dir):
+    """A regrouping that keeps batch 0 and swaps rows between batches 1 and 2: batch 0 is the same object
+    (its KV untouched), the others are rebuilt, and every sequence still decodes as it would alone."""
+    from collections import deque
+
+    from expertflow.batching import BatchRunner, Sequence
+    from expertflow.engine import Sampler
+    from expertflow.scheduler import Grouping, Scheduler
+
+    class KeepFirst(Scheduler):
+        name = "keep-first"
+
+        def _group(self, routing, batch_size, unit):
+            return Grouping(((0, 1), (2, 4), (3, 5)))
+
+    m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8)
+    prompts = PROMPTS[:6]
+    runner = BatchRunner(m.engine, KeepFirst(), batch_size=2, unit=3, pipeline=False)
+    with runner.session():
+        waiting = deque(Sequence(i, list(p), NEW_TOKENS, Sampler(0.0, None)) for i, p in enumerate(prompts))
+        batches = runner.sample(runner.admit(waiting, 0), [])
+        regrouped = runner.regroup(batches)
+    assert regrouped[0] is batches[0]
+    assert [[s.index for s in b.members] for b in regrouped] == [[0, 1], [2, 4], [3, 5]]
+    assert all(b.kv.rows == 2 for b in regrouped[1:]) and regrouped[1] is not batches[1]
+    out = m.generate_many(input_ids=prompts, batch_size=2, schedule_unit=3, max_new_tokens=NEW_TOKENS, pipeline=False)
+    kept = BatchRunner(m.engine, KeepFirst(), batch_size=2, unit=3, pipeline=False).run(prompts, NEW_TOKENS)
+    assert kept.sequences == out.sequences == _alone(m, prompts)
+
+
 def test_embedded_model_xsum_prompts_similarity_equals_alone():
     from expertflow.datasets import load_prompts
 

@@ -64,6 +64,37 @@ def test_bench_end_to_end(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
     assert not list(config.out.glob(".*"))  # no temp files left behind by atomic writes
 
 
+def test_bench_measures_the_token_scheduler_and_the_predictor_side_by_side(tiny_mixtral_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """expertflow and expertflow-no-ts (the paper's "w/o TS"): the same RPP and PLEC, the second with batches in
+    prompt order; each row carries its experts per batch forward and the forecast's live B_acc."""
+    import torch
+
+    from expertflow.predictor.model import PredictorConfig, RoutingPathModel, save_model
+
+    torch.manual_seed(0)
+    rpp = save_model(RoutingPathModel(PredictorConfig(vocab_size=96, num_layers=3, num_experts=8, top_k=2, d_model=16,
+                                                      d_ff=32, num_heads=2, window=8, dropout=0.0)), tmp_path / "rpp")
+    config = BenchConfig(model=tiny_mixtral_dir, systems=["expertflow", "expertflow-no-ts"],
+                         cache_sizes=[CacheSize("50%")], batch_sizes=[2], out=tmp_path / "out", store="host",
+                         max_new_tokens=5, predictor=rpp, scheduler="swap", policy_settings={"threshold": 0.3})
+    runs = plan_runs(config, model_shape(tiny_mixtral_dir), _prompts(count=4), str(tmp_path))
+    assert [(r.system, r.scheduler, r.policy_settings) for r in runs] == [
+        ("expertflow", "swap", {"threshold": 0.3}), ("expertflow-no-ts", "fifo", {"threshold": 0.3})]
+    doc = run_bench(config, _prompts(count=4))
+    assert doc["same_tokens"] is True
+    for row in doc["results"]:
+        assert row["activated_experts_per_batch"] > 0 and row["notes"]["forecast_accuracy"]["batches"] > 0
+        assert 0 < row["forecast_b_acc"] <= 1 and 0 < row["forecast_precision"] <= 1
+        assert row["forecast_b_acc"] == row["notes"]["forecast_accuracy"]["b_acc"]
+    on, off = doc["results"]
+    text = markdown(doc)
+    gain = f"{on['tokens_per_s'] / off['tokens_per_s']:.2f}x"
+    assert (f"| 12 (50%) | 2 | {on['activated_experts_per_batch']:.1f} | {off['activated_experts_per_batch']:.1f} "
+            f"| {gain} | {on['forecast_b_acc']:.3f} ({on['forecast_precision']:.3f}) |") in text
+    assert set(JSON_FIELDS) <= set(json_line(doc)["results"][0])
+
+
 def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
     config = BenchConfig(model=tiny_mixtral_dir, systems=["all-in-memory", "accelerate", "lru"],
                          cache_sizes=[CacheSize.parse("10%"), CacheSize.parse("12")], batch_sizes=[4],
@@ -88,6 +119,8 @@ def test_config_checks_systems_and_predictor(tiny_mixtral_dir: Path, tmp_path: P
         BenchConfig(systems=["lru", "fast"], **base)
     with pytest.raises(ExpertflowError, match="--predictor"):
         BenchConfig(systems=["expertflow"], **base)
+    with pytest.raises(ExpertflowError, match="system expertflow-no-ts plans from a routing predictor"):
+        BenchConfig(systems=["lru", "expertflow-no-ts"], **base)
 
 
 def test_bench_plans_the_embedded_model_and_its_widened_copies_from_the_shipped_predictor(
@@ -187,3 +220,15 @@ def test_a_ceilings_read_cost_is_the_runs_own_busy_time_per_read_when_it_read_en
     assert read_ms(few, costs) == (7.0, "one read timed before the sweep")
     assert read_ms({}, costs) == (7.0, "one read timed before the sweep")
     assert read_ms({}, None) == (None, "none")
+
+
+def test_bench_skips_prompts_and_says_when_none_are_left(tmp_path: Path, capsys) -> None:
+    from expertflow.cli import main
+    from expertflow.cli.bench import _prompt_ids
+    from expertflow.embedded import EMBEDDED_MODEL_DIR
+
+    assert _prompt_ids(EMBEDDED_MODEL_DIR, "alpaca", 2, skip=800)[0] == _prompt_ids(EMBEDDED_MODEL_DIR, "alpaca", 801)[800]
+    capsys.readouterr()
+    assert main(["bench", "--skip", "5000", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no prompts after skipping 5000; lower --skip" in err

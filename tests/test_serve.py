@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import expertflow
-from expertflow.batching import Batch, BatchRunner
+from expertflow.batching import Batch, BatchRun, BatchRunner
 from expertflow.datasets import data_root, load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.scheduler import scheduler_class
@@ -34,7 +34,7 @@ POISON = 4242  # a prompt starting with this token id makes FailingRunner's batc
 class FailingRunner(BatchRunner):
     """A runner whose decode batches fail when they hold a poisoned prompt: a fault inside the engine."""
 
-    def run_batch(self, batch: Batch) -> int:
+    def run_batch(self, batch: Batch) -> BatchRun:
         if any(seq.prompt[0] == POISON for seq in batch.members):
             raise RuntimeError("injected expert load failure")
         return super().run_batch(batch)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from expertflow.bench.report import all_in_memory_row
 from expertflow.bench.spec import BenchConfig, CacheSize, RunSpec
-from expertflow.bench.systems import SYSTEMS
+from expertflow.bench.systems import SYSTEMS, plans_from_forecast
 from expertflow.conformance import inspect_model
 from expertflow.errors import ExpertflowError
 
@@ -71,7 +71,7 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
         predictor=str(config.predictor) if config.predictor else None,
         scheduler=config.scheduler if name == "expertflow" else "fifo",
         schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
-        policy_settings=config.policy_settings if name == "expertflow" else {},
+        policy_settings=config.policy_settings if plans_from_forecast(name) else {},
         offload_dir=offload_dir) for batch in config.batch_sizes for name, experts in uncached + cached]
 
 
@@ -140,6 +140,10 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "belady_loads": got["belady_loads"],
         "loads_vs_belady": got["expert_loads"] / got["belady_loads"] if got["belady_loads"] else None,
         "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
+        # the token scheduler's measure, and the RPP's batch-level accuracy on the decode batches as they ran
+        "activated_experts_per_batch": got["notes"].get("activated_experts_per_batch"),
+        "forecast_b_acc": (got["notes"].get("forecast_accuracy") or {}).get("b_acc"),
+        "forecast_precision": (got["notes"].get("forecast_accuracy") or {}).get("precision"),
         "notes": got["notes"], "sequences": got["sequences"],
     }
 

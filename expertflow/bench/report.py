@@ -19,7 +19,11 @@ COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "
 JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_per_s", "prefill_seconds",
                "decode_tokens_per_s", "tokens_per_s_runs", "peak_expert_bytes",
                "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "belady_loads",
-               "loads_vs_belady", "read_ms", "belady_ceiling_tokens_per_s", "same_tokens")
+               "loads_vs_belady", "read_ms", "belady_ceiling_tokens_per_s", "activated_experts_per_batch",
+               "forecast_b_acc", "forecast_precision", "same_tokens")
+PIPELINE_COLUMNS = ("cache experts", "batch", "experts / batch", "experts / batch w/o TS", "TS tokens/s gain",
+                    "forecast B_acc (precision)", "w/o TS")
+WITH_TS, WITHOUT_TS = "expertflow", "expertflow-no-ts"
 
 
 def table_rows(doc: dict) -> list[tuple]:
@@ -42,6 +46,35 @@ def table_rows(doc: dict) -> list[tuple]:
     return rows
 
 
+def pipeline_rows(doc: dict) -> list[tuple]:
+    """Per cache size and batch size where `expertflow` or `expertflow-no-ts` ran: the token scheduler's measure
+    (distinct (layer, expert) pairs per decode batch forward) and gain (tokens/s with / without it), and the
+    RPP's batch-level accuracy on the decode batches as they ran (the paper's B_acc at the run's batch size)."""
+    points: dict[tuple, dict[str, dict]] = {}
+    for r in doc["results"]:
+        if r["system"] in (WITH_TS, WITHOUT_TS):
+            points.setdefault((r["cache_experts"], r["batch_size"]), {})[r["system"]] = r
+    rows = []
+    for (experts, batch), runs in points.items():
+        on, off = runs.get(WITH_TS), runs.get(WITHOUT_TS)
+        share = next(iter(runs.values()))["cache_share"]
+        gain = f"{on['tokens_per_s'] / off['tokens_per_s']:.2f}x" if on and off and off["tokens_per_s"] > 0 else "-"
+        rows.append((f"{experts} ({share:.0%})", batch, _experts_per_batch(on), _experts_per_batch(off), gain,
+                     _accuracy(on), _accuracy(off)))
+    return rows
+
+
+def _experts_per_batch(row: dict | None) -> str:
+    return "-" if row is None or row.get("activated_experts_per_batch") is None else \
+        f"{row['activated_experts_per_batch']:.1f}"
+
+
+def _accuracy(row: dict | None) -> str:
+    if row is None or row.get("forecast_b_acc") is None:
+        return "-"
+    return f"{row['forecast_b_acc']:.3f} ({row['forecast_precision']:.3f})"
+
+
 def title(doc: dict) -> str:
     s = doc["setup"]
     return (f"bench: {s['prompts']} {s['dataset']} prompts x {s['max_new_tokens']} new tokens, greedy, "
@@ -52,6 +85,13 @@ def title(doc: dict) -> str:
 def markdown(doc: dict) -> str:
     lines = [f"# {title(doc)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table_rows(doc)]
+    pipeline = pipeline_rows(doc)
+    if pipeline:
+        lines += ["", "## Token scheduler and routing predictor", "",
+                  "Experts / batch: distinct (layer, expert) pairs per decode batch forward, what the token scheduler "
+                  "(TS) lowers. Forecast B_acc: the RPP's batch-level accuracy on the decode batches as they ran.", "",
+                  "| " + " | ".join(PIPELINE_COLUMNS) + " |", "|" + "---|" * len(PIPELINE_COLUMNS)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pipeline]
     lines += ["", "## Setup", ""] + [f"- **{k}**: {_setup_value(v)}" for k, v in doc["setup"].items()]
     return "\n".join(lines) + "\n"
 

@@ -89,7 +89,8 @@ class BenchConfig:
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
     def __post_init__(self) -> None:
-        from expertflow.bench.systems import SYSTEMS  # the registry validates names; imported late to avoid a cycle
+        # the registry validates names; imported late to avoid a cycle
+        from expertflow.bench.systems import SYSTEMS, plans_from_forecast
 
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown or not self.systems:
@@ -108,13 +109,14 @@ class BenchConfig:
         if min(self.max_new_tokens, self.threads, self.io_threads, self.schedule_unit, self.repeats) < 1:
             raise ExpertflowError("--max-new-tokens, --threads, --io-threads, --schedule-unit and --repeats must be "
                                   "at least 1")
+        planning = [s for s in self.systems if plans_from_forecast(s)]
         if self.policy_settings:
-            if "expertflow" not in self.systems:
+            if not planning:
                 raise ExpertflowError("--prefetch-threshold and --policy-setting apply to system expertflow; "
                                       "add it to --systems")
             policy_settings("expertflow", self.policy_settings)
-        if "expertflow" in self.systems and self.predictor is None:
-            raise ExpertflowError("system expertflow plans from a routing predictor; pass --predictor DIR "
+        if planning and self.predictor is None:
+            raise ExpertflowError(f"system {planning[0]} plans from a routing predictor; pass --predictor DIR "
                                   "(train one with expertflow train-predictor)")
         self.model = Path(self.model)
         self.out = Path(self.out)

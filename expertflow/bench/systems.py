@@ -2,7 +2,8 @@
 
 Every system decodes the same prompt ids greedily for the same number of new tokens, timed end to end
 (prefill included) after a short warm-up; batches are formed in prompt order unless the system has a
-token scheduler of its own (`expertflow`). After the timed run, the same batches are run once more for
+token scheduler of its own (`expertflow`; `expertflow-no-ts` is the same system with batches in prompt order,
+the paper's "w/o TS", so the scheduler's gain is measured side by side). After the timed run, the same batches are run once more for
 one new token each: that pass's time is the run's prefill cost (time to first token), the same way for
 every system, so decode throughput can be told apart from prompt processing. Its loads are not counted.
 An engine run also logs the timed run's demand uses and replays them through Belady's MIN from the cache
@@ -73,7 +74,8 @@ def run_engine(spec: RunSpec) -> Measured:
             seconds = time.perf_counter() - start
             model.cache.stop_recording()
             sequences, stats, notes = out.sequences, out.stats, {
-                "activated_experts_per_batch": round(out.activated_experts_per_batch, 2)}
+                "activated_experts_per_batch": round(out.activated_experts_per_batch, 2),
+                "forecast_accuracy": _headline(out.forecast_accuracy)}
             start = time.perf_counter()
             model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, max_new_tokens=1)
             prefill = time.perf_counter() - start
@@ -98,6 +100,13 @@ def run_engine(spec: RunSpec) -> Measured:
                            "transfer_read_seconds": stats.transfer_read_seconds,
                            "busy_ms_per_read": stats.busy_ms_per_read,
                            "slow_tier_reads": model.engine.parts.store.read_method, **notes})
+
+
+def _headline(accuracy: dict | None) -> dict | None:
+    """The live forecast accuracy's overall figures (per-layer lists stay out of every row)."""
+    if accuracy is None:
+        return None
+    return {k: accuracy[k] for k in ("b_acc", "precision", "f1", "batches")}
 
 
 def _generate_in_order(model, spec: RunSpec):
@@ -143,4 +152,11 @@ SYSTEMS: dict[str, System] = {
     "ring": System(run_engine, True, "ring", "expertflow engine, ring prefetch of the next layers (SE-MoE)"),
     "pregated": System(run_engine, True, "pregated", "expertflow engine, next-layer pre-gating (Pregated-MoE)"),
     "expertflow": System(run_engine, True, "expertflow", "expertflow engine: RPP + token scheduler + PLEC"),
+    "expertflow-no-ts": System(run_engine, True, "expertflow",
+                               "expertflow engine without the token scheduler: RPP + PLEC, batches in prompt order"),
 }
+
+
+def plans_from_forecast(name: str) -> bool:
+    """Whether the system's cache plans from the RPP (it needs a predictor and takes PLEC's settings)."""
+    return SYSTEMS[name].policy == "expertflow"

@@ -16,7 +16,8 @@ import torch
 from expertflow.bench.costs import measure_expert_costs
 from expertflow.bench.harness import run_bench
 from expertflow.bench.plots import write_plots
-from expertflow.bench.report import COLUMNS, json_line, table_rows, title, write_results
+from expertflow.bench.report import (COLUMNS, PIPELINE_COLUMNS, json_line, pipeline_rows, table_rows, title,
+                                     write_results)
 from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
 from expertflow.cli.report import print_json_line, print_table
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
     p.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     p.add_argument("--prompts", type=int, default=16, help="number of prompts (default 16)")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="skip the dataset's first N prompts (default 0; alpaca from 800 on is held out from the "
+                        "shipped RPP's training)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--cache-experts", default=None, help="fast-tier slots, counts or %% of experts: 10%%,64 "
@@ -84,6 +88,7 @@ def _cache_sizes(args: argparse.Namespace) -> list[CacheSize]:
 def run(args: argparse.Namespace) -> int:
     model = _widened(args) if args.widen is not None else args.model
     torch.set_num_threads(max(args.threads, 1))
+    prompts = _prompt_ids(model, args.dataset, args.prompts, args.skip)  # bad input fails before any timing
     costs = measure_expert_costs(model) if args.store == "disk" else None
     config = BenchConfig(
         model=model, systems=_names(args.systems), cache_sizes=_cache_sizes(args),
@@ -92,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
         max_new_tokens=args.max_new_tokens, threads=args.threads, io_threads=args.io_threads, repeats=args.repeats,
         policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting), dataset=args.dataset,
-        notes={"widened_to": args.widen, "expert_costs": costs.as_dict() if costs else None})
-    doc = run_bench(config, _prompt_ids(model, args.dataset, args.prompts),
+        notes={"prompts_skipped": args.skip, "widened_to": args.widen,
+               "expert_costs": costs.as_dict() if costs else None})
+    doc = run_bench(config, prompts,
                     checkpoint=lambda partial: write_results(partial, config.out))
     write_results(doc, config.out)
     write_plots(doc, config.out)
     print_table(title(doc), COLUMNS, table_rows(doc))
+    if pipeline := pipeline_rows(doc):
+        print_table("token scheduler (TS) and routing predictor", PIPELINE_COLUMNS, pipeline)
     print(f"results, table and plots in {config.out}")
     if args.json:
         print_json_line(json_line(doc))
@@ -119,15 +127,20 @@ def _widened(args: argparse.Namespace) -> Path:
     return target if target.is_dir() else widen_checkpoint(args.model, target, args.widen)
 
 
-def _prompt_ids(model: Path, dataset: str, count: int) -> list[list[int]]:
+def _prompt_ids(model: Path, dataset: str, count: int, skip: int = 0) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     if count < 1:
         raise ExpertflowError(f"--prompts must be at least 1, got {count}")
+    if skip < 0:
+        raise ExpertflowError(f"--skip must be >= 0, got {skip}")
     if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ExpertflowError(f"{model} has no tokenizer files; bench needs text prompts tokenized by the model")
+    prompts = load_prompts(dataset, limit=count, skip=skip)
+    if not prompts:
+        raise ExpertflowError(f"dataset {dataset!r} has no prompts after skipping {skip}; lower --skip")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    return [list(tokenizer(p)["input_ids"]) for p in load_prompts(dataset, limit=count)]
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
 
 def _names(text: str) -> list[str]:

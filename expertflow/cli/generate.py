@@ -71,6 +71,7 @@ def run_many(args: argparse.Namespace) -> int:
     rows = [("prompts", f"{len(prompts)} in units of {args.schedule_unit} x {args.batch_size}, {args.scheduler}"),
             ("activated experts / batch", f"{out.activated_experts_per_batch:.2f}"),
             ("decode batch forwards", f"{out.decode_forwards}"),
+            *_accuracy_rows(out.forecast_accuracy),
             ("predict + schedule time", f"{out.schedule_seconds:.3f} s ({out.schedule_wait_seconds:.3f} s not hidden)"),
             *figure_rows(out.stats)]
     print_table(f"{model.name}, {config.policy}, {config.store}", ("figure", "value"), rows)
@@ -79,9 +80,17 @@ def run_many(args: argparse.Namespace) -> int:
                          "batch_size": args.batch_size, "schedule_unit": args.schedule_unit,
                          "activated_experts_per_batch": out.activated_experts_per_batch,
                          "decode_forwards": out.decode_forwards, "schedule_seconds": out.schedule_seconds,
+                         "forecast_accuracy": out.forecast_accuracy,
                          "schedule_wait_seconds": out.schedule_wait_seconds, "pipeline": not args.no_pipeline,
                          "policy": config.policy, "store": config.store, **out.stats.as_dict()})
     return 0
+
+
+def _accuracy_rows(accuracy: dict | None) -> list[tuple[str, str]]:
+    if accuracy is None:
+        return []
+    return [("forecast B_acc / precision", f"{accuracy['b_acc']:.3f} / {accuracy['precision']:.3f} "
+                                           f"(over the {accuracy['batches']} decode batches as they ran)")]
 
 
 def _busy(stats: RunStats) -> str:

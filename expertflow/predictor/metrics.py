@@ -54,22 +54,23 @@ class MetricAccumulator:
 
     num_layers: int
     top_k: int
-    budget: int
+    budget: int | None  # None: the top-k metric only (a live run has no budget fixed across methods)
     _sums: dict[str, np.ndarray] = field(default_factory=dict)
     batches: int = 0
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.budget < 1:
+        if self.top_k < 1 or (self.budget is not None and self.budget < 1):
             raise ValueError(f"top_k and budget must be >= 1, got {self.top_k}, {self.budget}")
-        for key in ("precision", "recall", "budget_precision", "budget_recall"):
+        for key in ("precision", "recall") + (("budget_precision", "budget_recall") if self.budget else ()):
             self._sums[key] = np.zeros(self.num_layers)
 
     def add(self, true_mask: np.ndarray, scores: np.ndarray) -> None:
         """true_mask (B, L, E) bool, scores (B, L, E): one batch."""
         true = true_mask.any(0)                                                 # (L, E)
-        pred = topk_mask(scores, self.top_k).any(0)                             # (L, E)
-        budget_pred = topk_mask(scores.sum(0), self.budget)                     # (L, E)
-        for prefix, predicted in (("", pred), ("budget_", budget_pred)):
+        sets = [("", topk_mask(scores, self.top_k).any(0))]                    # (L, E)
+        if self.budget:
+            sets.append(("budget_", topk_mask(scores.sum(0), self.budget)))    # (L, E)
+        for prefix, predicted in sets:
             precision, recall = set_scores(predicted, true)
             self._sums[prefix + "precision"] += precision
             self._sums[prefix + "recall"] += recall
@@ -78,13 +79,14 @@ class MetricAccumulator:
     def result(self) -> dict:
         n = max(self.batches, 1)
         p, r = self._sums["precision"] / n, self._sums["recall"] / n
-        bp, br = self._sums["budget_precision"] / n, self._sums["budget_recall"] / n
-        return {
+        out = {
             "b_acc": float(r.mean()), "precision": float(p.mean()), "recall": float(r.mean()),
             "f1": f1(float(p.mean()), float(r.mean())),
             "per_layer": [float(x) for x in r],
             "per_layer_precision": [float(x) for x in p],
-            "budget": {"experts_per_layer": self.budget, "precision": float(bp.mean()),
-                       "recall": float(br.mean()), "f1": f1(float(bp.mean()), float(br.mean()))},
-            "batches": self.batches,
         }
+        if self.budget:
+            bp, br = self._sums["budget_precision"] / n, self._sums["budget_recall"] / n
+            out["budget"] = {"experts_per_layer": self.budget, "precision": float(bp.mean()),
+                             "recall": float(br.mean()), "f1": f1(float(bp.mean()), float(br.mean()))}
+        return {**out, "batches": self.batches}
