@@ -76,6 +76,9 @@ class ManyOutput:
     stats: RunStats
     activated_experts_per_batch: float   # mean distinct (layer, expert) pairs per decode batch forward
     decode_forwards: int
+    # distinct pairs summed over decode forwards, per token they fed: expert runs per token, what the scheduler
+    # lowers. Unlike the per-batch mean it does not rise when regrouping fills fewer, fuller batches.
+    activated_experts_per_token: float
     schedule_seconds: float              # spent predicting and scheduling, on the worker
     schedule_wait_seconds: float         # of that, what the model waited for (not hidden by the pipeline)
     # The RPP's batch-level accuracy over the run's decode batches as they ran (`MetricAccumulator.result`
@@ -118,7 +121,9 @@ class BatchRunner:
                                  resident_bytes=self.parts.resident_bytes)
         return ManyOutput(sequences=[s.generated for s in done], stats=stats,
                           activated_experts_per_batch=float(np.mean(session.distinct)) if session.distinct else 0.0,
-                          decode_forwards=len(session.distinct), schedule_seconds=session.schedule_seconds,
+                          decode_forwards=len(session.distinct),
+                          activated_experts_per_token=sum(session.distinct) / sum(session.fed) if session.fed else 0.0,
+                          schedule_seconds=session.schedule_seconds,
                           schedule_wait_seconds=session.schedule_wait,
                           forecast_accuracy=session.accuracy.result() if session.accuracy.batches else None)
 

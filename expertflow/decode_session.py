@@ -33,6 +33,7 @@ class DecodeSession:
         self.waiting: deque[Sequence] = deque()
         self.finished: list[Sequence] = []
         self.distinct: list[int] = []          # distinct (layer, expert) pairs of each decode batch forward
+        self.fed: list[int] = []               # tokens (rows) each decode batch forward fed
         adapter = runner.parts.adapter
         # the forecasts' batch-level accuracy against the routing each decode batch then executed
         self.accuracy = MetricAccumulator(len(runner.parts.layers), adapter.top_k, budget=None)
@@ -82,6 +83,7 @@ class DecodeSession:
             self._fail(batch.members, exc)
             return False
         self.distinct.append(ran.distinct)
+        self.fed.append(len(ran.routing))
         if ran.forecast is not None:
             self.accuracy.add(routing_mask(ran.routing, ran.forecast.shape[-1]), ran.forecast)
         return True

@@ -76,14 +76,16 @@ def test_activated_experts_per_batch_counts_distinct_pairs(tiny_mixtral_dir):
     m = expertflow.from_pretrained(tiny_mixtral_dir)
     prompts = PROMPTS[:3]
     ref = m.generate(input_ids=prompts, max_new_tokens=NEW_TOKENS, record_routing=True)
-    expected = []
+    expected, fed = [], []
     for step in range(max(map(len, ref.sequences)) - 1):  # a sequence's last token is never fed
         rows = [r[len(p) + step] for r, p, g in zip(ref.routing, prompts, ref.sequences) if step < len(g) - 1]
         expected.append(len({(layer, int(e)) for r in rows for layer, es in enumerate(r) for e in es}))
+        fed.append(len(rows))
     out = m.generate_many(input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS, pipeline=False)
     assert out.sequences == ref.sequences
     assert out.decode_forwards == len(expected)
     assert out.activated_experts_per_batch == pytest.approx(np.mean(expected))
+    assert out.activated_experts_per_token == pytest.approx(sum(expected) / sum(fed))
 
 
 def test_forecast_accuracy_scores_each_decode_batch_as_it_ran(tiny_mixtral_dir):

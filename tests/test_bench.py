@@ -88,10 +88,16 @@ def test_bench_measures_the_token_scheduler_and_the_predictor_side_by_side(tiny_
         assert 0 < row["forecast_b_acc"] <= 1 and 0 < row["forecast_precision"] <= 1
         assert row["forecast_b_acc"] == row["notes"]["forecast_accuracy"]["b_acc"]
     on, off = doc["results"]
+    for row in (on, off):  # a token of a batch of 2 adds 3 (shared) to 6 (3 layers x top-2) distinct pairs
+        assert 3 <= row["activated_experts_per_token"] <= 6 and row["notes"]["decode_forwards"] > 0
     text = markdown(doc)
     gain = f"{on['tokens_per_s'] / off['tokens_per_s']:.2f}x"
-    assert (f"| 12 (50%) | 2 | {on['activated_experts_per_batch']:.1f} | {off['activated_experts_per_batch']:.1f} "
-            f"| {gain} | {on['forecast_b_acc']:.3f} ({on['forecast_precision']:.3f}) |") in text
+    assert (f"| 12 (50%) | 2 | {on['notes']['decode_forwards']} / {off['notes']['decode_forwards']} "
+            f"| {on['activated_experts_per_batch']:.1f} / {off['activated_experts_per_batch']:.1f} "
+            f"| {on['activated_experts_per_token']:.2f} / {off['activated_experts_per_token']:.2f} "
+            f"| {on['expert_loads']} / {off['expert_loads']} | {on['tokens_per_s']:.1f} / {off['tokens_per_s']:.1f} "
+            f"| {gain} | {on['forecast_b_acc']:.3f} ({on['forecast_precision']:.3f}) / "
+            f"{off['forecast_b_acc']:.3f} ({off['forecast_precision']:.3f}) |") in text
     assert set(JSON_FIELDS) <= set(json_line(doc)["results"][0])
 
 

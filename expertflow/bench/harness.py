@@ -142,6 +142,7 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
         "all_expert_bytes": got["all_expert_bytes"], "new_tokens": got["new_tokens"], "seconds": got["seconds"],
         # the token scheduler's measure, and the RPP's batch-level accuracy on the decode batches as they ran
         "activated_experts_per_batch": got["notes"].get("activated_experts_per_batch"),
+        "activated_experts_per_token": got["notes"].get("activated_experts_per_token"),
         "forecast_b_acc": (got["notes"].get("forecast_accuracy") or {}).get("b_acc"),
         "forecast_precision": (got["notes"].get("forecast_accuracy") or {}).get("precision"),
         "notes": got["notes"], "sequences": got["sequences"],

@@ -20,9 +20,9 @@ JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_p
                "decode_tokens_per_s", "tokens_per_s_runs", "peak_expert_bytes",
                "peak_fast_tier_bytes", "peak_rss_bytes", "hit_ratio", "expert_loads", "bytes_moved", "belady_loads",
                "loads_vs_belady", "read_ms", "belady_ceiling_tokens_per_s", "activated_experts_per_batch",
-               "forecast_b_acc", "forecast_precision", "same_tokens")
-PIPELINE_COLUMNS = ("cache experts", "batch", "experts / batch", "experts / batch w/o TS", "TS tokens/s gain",
-                    "forecast B_acc (precision)", "w/o TS")
+               "activated_experts_per_token", "forecast_b_acc", "forecast_precision", "same_tokens")
+PIPELINE_COLUMNS = ("cache experts", "batch", "decode forwards", "experts / forward", "experts / token",
+                    "loads", "tokens/s", "TS tokens/s gain", "forecast B_acc (precision)")
 WITH_TS, WITHOUT_TS = "expertflow", "expertflow-no-ts"
 
 
@@ -47,9 +47,11 @@ def table_rows(doc: dict) -> list[tuple]:
 
 
 def pipeline_rows(doc: dict) -> list[tuple]:
-    """Per cache size and batch size where `expertflow` or `expertflow-no-ts` ran: the token scheduler's measure
-    (distinct (layer, expert) pairs per decode batch forward) and gain (tokens/s with / without it), and the
-    RPP's batch-level accuracy on the decode batches as they ran (the paper's B_acc at the run's batch size)."""
+    """Per cache size and batch size where `expertflow` or `expertflow-no-ts` ran, each figure as "with TS / w/o
+    TS": decode batch forwards, distinct (layer, expert) pairs per forward and per token fed (expert runs per
+    token: what the token scheduler (TS) lowers; the per-forward figure rises when regrouping fills fewer,
+    fuller batches), loads, tokens/s and their ratio, and the RPP's batch-level accuracy on the decode batches
+    as they ran (the paper's B_acc at the run's batch size)."""
     points: dict[tuple, dict[str, dict]] = {}
     for r in doc["results"]:
         if r["system"] in (WITH_TS, WITHOUT_TS):
@@ -59,19 +61,23 @@ def pipeline_rows(doc: dict) -> list[tuple]:
         on, off = runs.get(WITH_TS), runs.get(WITHOUT_TS)
         share = next(iter(runs.values()))["cache_share"]
         gain = f"{on['tokens_per_s'] / off['tokens_per_s']:.2f}x" if on and off and off["tokens_per_s"] > 0 else "-"
-        rows.append((f"{experts} ({share:.0%})", batch, _experts_per_batch(on), _experts_per_batch(off), gain,
-                     _accuracy(on), _accuracy(off)))
+        rows.append((f"{experts} ({share:.0%})", batch,
+                     _pair(on, off, lambda r: (r.get("notes") or {}).get("decode_forwards"), "{}"),
+                     _pair(on, off, lambda r: r.get("activated_experts_per_batch"), "{:.1f}"),
+                     _pair(on, off, lambda r: r.get("activated_experts_per_token"), "{:.2f}"),
+                     _pair(on, off, lambda r: r.get("expert_loads"), "{}"),
+                     _pair(on, off, lambda r: r.get("tokens_per_s"), "{:.1f}"), gain,
+                     _pair(on, off, _accuracy, "{}")))
     return rows
 
 
-def _experts_per_batch(row: dict | None) -> str:
-    return "-" if row is None or row.get("activated_experts_per_batch") is None else \
-        f"{row['activated_experts_per_batch']:.1f}"
+def _pair(on: dict | None, off: dict | None, get, fmt: str) -> str:
+    return " / ".join("-" if r is None or get(r) is None else fmt.format(get(r)) for r in (on, off))
 
 
-def _accuracy(row: dict | None) -> str:
-    if row is None or row.get("forecast_b_acc") is None:
-        return "-"
+def _accuracy(row: dict) -> str | None:
+    if row.get("forecast_b_acc") is None:
+        return None
     return f"{row['forecast_b_acc']:.3f} ({row['forecast_precision']:.3f})"
 
 
@@ -88,8 +94,11 @@ def markdown(doc: dict) -> str:
     pipeline = pipeline_rows(doc)
     if pipeline:
         lines += ["", "## Token scheduler and routing predictor", "",
-                  "Experts / batch: distinct (layer, expert) pairs per decode batch forward, what the token scheduler "
-                  "(TS) lowers. Forecast B_acc: the RPP's batch-level accuracy on the decode batches as they ran.", "",
+                  "Each cell is expertflow (with the token scheduler, TS) / expertflow-no-ts (batches in prompt order). "
+                  "Experts / forward and / token: distinct (layer, expert) pairs per decode batch forward, and summed "
+                  "over forwards per token fed (expert runs per token: what TS lowers; the per-forward figure rises "
+                  "when regrouping fills fewer, fuller batches). Forecast B_acc: the RPP's batch-level accuracy on the "
+                  "decode batches as they ran.", "",
                   "| " + " | ".join(PIPELINE_COLUMNS) + " |", "|" + "---|" * len(PIPELINE_COLUMNS)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pipeline]
     lines += ["", "## Setup", ""] + [f"- **{k}**: {_setup_value(v)}" for k, v in doc["setup"].items()]

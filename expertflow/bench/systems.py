@@ -75,6 +75,8 @@ def run_engine(spec: RunSpec) -> Measured:
             model.cache.stop_recording()
             sequences, stats, notes = out.sequences, out.stats, {
                 "activated_experts_per_batch": round(out.activated_experts_per_batch, 2),
+                "activated_experts_per_token": round(out.activated_experts_per_token, 3),
+                "decode_forwards": out.decode_forwards,
                 "forecast_accuracy": _headline(out.forecast_accuracy)}
             start = time.perf_counter()
             model.generate_many(input_ids=spec.prompts, batch_size=spec.batch_size, max_new_tokens=1)

@@ -70,6 +70,7 @@ def run_many(args: argparse.Namespace) -> int:
         print(f"[{i}] {text!r}")
     rows = [("prompts", f"{len(prompts)} in units of {args.schedule_unit} x {args.batch_size}, {args.scheduler}"),
             ("activated experts / batch", f"{out.activated_experts_per_batch:.2f}"),
+            ("activated experts / token", f"{out.activated_experts_per_token:.2f}"),
             ("decode batch forwards", f"{out.decode_forwards}"),
             *_accuracy_rows(out.forecast_accuracy),
             ("predict + schedule time", f"{out.schedule_seconds:.3f} s ({out.schedule_wait_seconds:.3f} s not hidden)"),
@@ -79,6 +80,7 @@ def run_many(args: argparse.Namespace) -> int:
         print_json_line({"outputs": out.sequences, "texts": texts, "scheduler": args.scheduler,
                          "batch_size": args.batch_size, "schedule_unit": args.schedule_unit,
                          "activated_experts_per_batch": out.activated_experts_per_batch,
+                         "activated_experts_per_token": out.activated_experts_per_token,
                          "decode_forwards": out.decode_forwards, "schedule_seconds": out.schedule_seconds,
                          "forecast_accuracy": out.forecast_accuracy,
                          "schedule_wait_seconds": out.schedule_wait_seconds, "pipeline": not args.no_pipeline,
