@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
+from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.policies import policy_class, policy_settings
 
@@ -100,11 +100,8 @@ class EngineConfig:
         if self.policy is None:
             self.policy = "none" if not budgets else "lru"
         policy_settings(self.policy, self.policy_settings)  # fails now, naming the knob, not at load time
-        if self.predictor is None and self._embedded_model() and policy_class(self.policy).uses_forecast:
-            self.predictor = EMBEDDED_PREDICTOR_DIR  # shipped with the package for exactly this model
-
-    def _embedded_model(self) -> bool:
-        return self.model.resolve() == EMBEDDED_MODEL_DIR.resolve()
+        if self.predictor is None and policy_class(self.policy).uses_forecast:
+            self.predictor = shipped_predictor_for(self.model)  # shipped with the package for exactly this routing
 
     @property
     def torch_dtype(self) -> torch.dtype:

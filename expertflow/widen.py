@@ -25,6 +25,7 @@ from expertflow.adapters import adapter_for
 from expertflow.checkpoint import INDEX_FILE, Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
+from expertflow.lineage import write_record
 from expertflow.loading import read_config
 
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -60,6 +61,7 @@ def widen_checkpoint(src: Path, dst: Path, intermediate_size: int) -> Path:
         for name in _COPIED_FILES:
             if (config.model / name).is_file():
                 shutil.copy(config.model / name, staging / name)
+        write_record(staging, config.model, intermediate_size, adapter.intermediate_size)
         os.replace(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

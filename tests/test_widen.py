@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
 
@@ -34,3 +37,34 @@ def test_widen_refuses_shrinking_and_existing_output(capsys, tmp_path, tiny_mixt
     rc = main(["widen", "--model", str(tiny_mixtral_dir), "--intermediate-size", "32", "--out", str(tmp_path / "exists")])
     assert rc == 2 and "already exists" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
+
+
+def test_a_widened_copy_records_its_source_and_the_embedded_models_copies_plan_from_its_predictor(
+        tmp_path, tiny_mixtral_dir):
+    from expertflow.cli.bench import _predictor
+    from expertflow.config import EngineConfig
+    from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR, shipped_predictor_for
+    from expertflow.lineage import RECORD_FILE, origin, write_record
+
+    wide = widen_checkpoint(tiny_mixtral_dir, tmp_path / "wide", intermediate_size=32)
+    wider = widen_checkpoint(wide, tmp_path / "wider", intermediate_size=48)
+    assert origin(wider) == origin(wide) == tiny_mixtral_dir.resolve()
+    assert json.loads((wide / RECORD_FILE).read_text())["source_intermediate_size"] == 16
+    assert shipped_predictor_for(wider) is None  # another model's copy: its own predictor must be given
+    assert EngineConfig(model=wider, cache_experts=8, policy="expertflow").predictor is None
+
+    # A copy of the embedded model (its record, without writing 100 MB of padded experts)
+    copy = tmp_path / "embedded-wide"
+    copy.mkdir()
+    write_record(copy, EMBEDDED_MODEL_DIR, 4096, 256)
+    assert shipped_predictor_for(copy) == EMBEDDED_PREDICTOR_DIR
+    assert EngineConfig(model=copy, cache_experts=64, policy="expertflow").predictor == EMBEDDED_PREDICTOR_DIR
+    assert _predictor(argparse.Namespace(model=copy, predictor=None)) == EMBEDDED_PREDICTOR_DIR
+    assert _predictor(argparse.Namespace(model=copy, predictor=tmp_path)) == tmp_path
+
+    (copy / RECORD_FILE).write_text("not json")
+    with pytest.raises(ExpertflowError, match="is not a widen record"):
+        origin(copy)
+    write_record(copy, copy, 4096, 256)  # a record naming itself: a cycle
+    with pytest.raises(ExpertflowError, match="form a cycle"):
+        origin(copy)

@@ -22,7 +22,7 @@ from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
 from expertflow.cli.report import print_json_line, print_table
 from expertflow.datasets import load_prompts
-from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR
+from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.policies import cli_settings, setting_names
 from expertflow.widen import widen_checkpoint
@@ -113,11 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace) -> Path | None:
-    """--predictor, else the shipped RPP when the model is the embedded one: widening pads experts with zeros and
-    leaves the routing exactly as it was, so a widened copy plans from the same predictor."""
-    if args.predictor is not None or args.model.resolve() != EMBEDDED_MODEL_DIR.resolve():
-        return args.predictor
-    return EMBEDDED_PREDICTOR_DIR
+    """--predictor, else the shipped RPP when the model is the embedded one or a widened copy of it: widening pads
+    experts with zeros and leaves the routing exactly as it was, so a widened copy plans from the same predictor."""
+    return args.predictor if args.predictor is not None else shipped_predictor_for(args.model)
 
 
 def _widened(args: argparse.Namespace) -> Path:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from expertflow.cli.report import human_bytes, print_json_line, print_table
-from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
+from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.policies import POLICIES, cli_settings, policy_settings, setting_names
 from expertflow.simulator import SimResult, sweep
@@ -85,10 +85,12 @@ def _settings(settings: dict[str, float], policies: list[str]) -> dict[str, dict
 
 
 def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:
-    """Traces of the embedded model plan from the RPP shipped with it, as `generate` does; others must say."""
-    embedded = model is None or model.resolve() == EMBEDDED_MODEL_DIR.resolve()
-    if traces.header.model == EMBEDDED_MODEL_NAME and embedded:
-        return str(EMBEDDED_PREDICTOR_DIR)
+    """Traces of the embedded model (or, with --model, of a widened copy of it) plan from the RPP shipped with it,
+    as `generate` does; others must say."""
+    shipped = shipped_predictor_for(model) if model is not None else \
+        EMBEDDED_PREDICTOR_DIR if traces.header.model == EMBEDDED_MODEL_NAME else None
+    if shipped is not None:
+        return str(shipped)
     raise ExpertflowError("policy expertflow plans from a routing predictor; pass --predictor DIR "
                           "(or --predictor oracle for the upper bound)")
 
