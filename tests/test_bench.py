@@ -11,7 +11,7 @@ import pytest
 
 from expertflow.bench.harness import ModelShape, model_shape, plan_runs, run_bench
 from expertflow.bench.plots import write_plots
-from expertflow.bench.report import JSON_FIELDS, json_line, markdown, write_results
+from expertflow.bench.report import JSON_FIELDS, json_line, markdown, versus, versus_rows, write_results
 from expertflow.bench.spec import BenchConfig, CacheSize
 from expertflow.errors import ExpertflowError
 
@@ -98,7 +98,9 @@ def test_bench_measures_the_token_scheduler_and_the_predictor_side_by_side(tiny_
             f"| {on['expert_loads']} / {off['expert_loads']} | {on['tokens_per_s']:.1f} / {off['tokens_per_s']:.1f} "
             f"| {gain} | {on['forecast_b_acc']:.3f} ({on['forecast_precision']:.3f}) / "
             f"{off['forecast_b_acc']:.3f} ({off['forecast_precision']:.3f}) |") in text
-    assert set(JSON_FIELDS) <= set(json_line(doc)["results"][0])
+    line = json_line(doc)
+    assert set(JSON_FIELDS) <= set(line["results"][0])
+    assert [v["vs_best_baseline"] for v in line["expertflow_versus"]] == [None]  # no baseline policy ran
 
 
 def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Path, tmp_path: Path) -> None:
@@ -151,6 +153,31 @@ def test_markdown_names_the_reference(tmp_path: Path) -> None:
                         "same_tokens": False, "mismatched_sequences": 1}]}
     text = markdown(doc)
     assert "no (1 differ)" in text and "token_reference**: all-in-memory, batch 1" in text
+
+
+def test_expertflow_against_every_system_uses_the_sweeps_sizes_and_the_fastest_baseline(tmp_path: Path) -> None:
+    def row(system: str, planned: int | None, batch: int, speed: float, fast_tier: int, own: int | None = None,
+            ceiling: float | None = None) -> dict:
+        experts = own or planned or 16
+        return {"system": system, "cache_experts": experts, "cache_share": experts / 16,
+                "planned_cache_experts": planned, "batch_size": batch, "tokens_per_s": speed,
+                "peak_fast_tier_bytes": fast_tier, "belady_ceiling_tokens_per_s": ceiling}
+
+    doc = {"results": [
+        row("all-in-memory", None, 1, 40.0, 1000), row("accelerate", 4, 1, 2.0, 300),
+        row("lru", 4, 1, 10.0, 200), row("ring", 4, 1, 12.0, 200), row("pregated", 4, 1, 8.0, 200),
+        row("lru", 8, 1, 99.0, 300),  # another cache size: not a peer of the 4-slot runs
+        row("expertflow", 4, 1, 18.0, 150, own=3, ceiling=30.0),  # the engine sized 3 slots from the 4-slot budget
+        row("expertflow", 4, 2, 20.0, 150)]}  # nothing else ran at batch 2
+    first, second = versus(doc)
+    assert first == {"cache_experts": 3, "cache_share": 3 / 16, "batch_size": 1, "tokens_per_s": 18.0,
+                     "vs_all_in_memory": 18.0 / 40.0, "belady_ceiling_vs_all_in_memory": 30.0 / 40.0,
+                     "vs_accelerate": 9.0, "best_baseline": "ring", "vs_best_baseline": 1.5, "fast_tier_saving": 0.85}
+    assert second["vs_all_in_memory"] is None and second["best_baseline"] is None and second["vs_accelerate"] is None
+    assert "| 3 (19%) | 1 | 18.0 | 0.45x | 0.75x | 9.00x | 1.50x (ring) | 85.0% |" in "\n".join(
+        "| " + " | ".join(str(c) for c in r) + " |" for r in versus_rows(doc))
+    assert "| 4 (25%) | 2 | 20.0 | - | - | - | - | - |" in "\n".join(
+        "| " + " | ".join(str(c) for c in r) + " |" for r in versus_rows(doc))
 
 
 def test_bench_runs_an_encoder_decoder_model(tmp_path: Path) -> None:

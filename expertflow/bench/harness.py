@@ -129,6 +129,7 @@ def _row(spec: RunSpec, got: dict, shape: ModelShape) -> dict:
     experts = got.get("cache_experts") or spec.cache_experts or shape.total_experts  # the engine's own count first
     return {
         "system": spec.system, "cache_experts": experts, "cache_share": experts / shape.total_experts,
+        "planned_cache_experts": spec.cache_experts,  # the sweep's size this run stands for (None: no cache)
         "batch_size": spec.batch_size,
         "tokens_per_s": got["new_tokens"] / got["seconds"] if got["seconds"] > 0 else 0.0,
         "prefill_seconds": got["prefill_seconds"],

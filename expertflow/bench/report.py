@@ -24,6 +24,9 @@ JSON_FIELDS = ("system", "cache_experts", "cache_share", "batch_size", "tokens_p
 PIPELINE_COLUMNS = ("cache experts", "batch", "decode forwards", "experts / forward", "experts / token",
                     "loads", "tokens/s", "TS tokens/s gain", "forecast B_acc (precision)")
 WITH_TS, WITHOUT_TS = "expertflow", "expertflow-no-ts"
+VERSUS_COLUMNS = ("cache experts", "batch", "expertflow tokens/s", "vs all-in-memory", "Belady ceiling vs all-in-memory",
+                  "vs accelerate", "vs best baseline", "fast tier below all-in-memory")
+BASELINES = ("lru", "lfu", "ring", "pregated")  # the other offloading policies the paper compares with
 
 
 def table_rows(doc: dict) -> list[tuple]:
@@ -71,6 +74,50 @@ def pipeline_rows(doc: dict) -> list[tuple]:
     return rows
 
 
+def versus(doc: dict) -> list[dict]:
+    """Per cache size and batch size where `expertflow` ran, the ratios issue 7's goals are stated in: its tokens/s
+    over all-in-memory's (and the run's Belady ceiling over it: what any cache policy could reach on this slow
+    tier), over accelerate's, over the best of the baseline policies (named), and how far its peak fast tier is
+    below all-in-memory's. None where the other system did not run."""
+    rows = []
+    for r in doc["results"]:
+        if r["system"] != WITH_TS:
+            continue
+        batch, experts = r["batch_size"], r["cache_experts"]
+        base = all_in_memory_row(doc["results"], batch)
+        planned = r.get("planned_cache_experts", experts)
+        peers = [p for p in doc["results"]
+                 if p["batch_size"] == batch and p.get("planned_cache_experts", p["cache_experts"]) == planned]
+        accelerate = next((p for p in peers if p["system"] == "accelerate"), None)
+        best = max((p for p in peers if p["system"] in BASELINES), key=lambda p: p["tokens_per_s"], default=None)
+        ceiling = r.get("belady_ceiling_tokens_per_s")
+        rows.append({
+            "cache_experts": experts, "cache_share": r["cache_share"], "batch_size": batch,
+            "tokens_per_s": r["tokens_per_s"],
+            "vs_all_in_memory": _ratio(r["tokens_per_s"], base and base["tokens_per_s"]),
+            "belady_ceiling_vs_all_in_memory": _ratio(ceiling, base and base["tokens_per_s"]),
+            "vs_accelerate": _ratio(r["tokens_per_s"], accelerate and accelerate["tokens_per_s"]),
+            "best_baseline": best and best["system"],
+            "vs_best_baseline": _ratio(r["tokens_per_s"], best and best["tokens_per_s"]),
+            "fast_tier_saving": None if base is None else 1 - r["peak_fast_tier_bytes"] / base["peak_fast_tier_bytes"],
+        })
+    return rows
+
+
+def versus_rows(doc: dict) -> list[tuple]:
+    def times(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}x"
+
+    return [(f"{v['cache_experts']} ({v['cache_share']:.0%})", v["batch_size"], f"{v['tokens_per_s']:.1f}",
+             times(v["vs_all_in_memory"]), times(v["belady_ceiling_vs_all_in_memory"]), times(v["vs_accelerate"]),
+             "-" if v["best_baseline"] is None else f"{times(v['vs_best_baseline'])} ({v['best_baseline']})",
+             "-" if v["fast_tier_saving"] is None else f"{v['fast_tier_saving']:.1%}") for v in versus(doc)]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def _pair(on: dict | None, off: dict | None, get, fmt: str) -> str:
     return " / ".join("-" if r is None or get(r) is None else fmt.format(get(r)) for r in (on, off))
 
@@ -101,20 +148,30 @@ def markdown(doc: dict) -> str:
                   "decode batches as they ran.", "",
                   "| " + " | ".join(PIPELINE_COLUMNS) + " |", "|" + "---|" * len(PIPELINE_COLUMNS)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pipeline]
+    against = versus_rows(doc)
+    if against:
+        lines += ["", "## expertflow against every system", "",
+                  "expertflow's tokens/s over each system's at the same cache size and batch size. Belady ceiling: "
+                  "the run's tokens over max(all-in-memory's seconds, Belady's loads x the run's read ms), the most any "
+                  "cache policy could reach on this slow tier. Best baseline: the fastest of "
+                  f"{' / '.join(BASELINES)} that ran.", "",
+                  "| " + " | ".join(VERSUS_COLUMNS) + " |", "|" + "---|" * len(VERSUS_COLUMNS)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in against]
     lines += ["", "## Setup", ""] + [f"- **{k}**: {_setup_value(v)}" for k, v in doc["setup"].items()]
     return "\n".join(lines) + "\n"
 
 
 def json_line(doc: dict) -> dict:
-    """The `--json` payload: the headline fields of every run."""
+    """The `--json` payload: the headline fields of every run, and expertflow's ratios against the others."""
     return {"same_tokens": doc["same_tokens"],
-            "results": [{k: r[k] for k in JSON_FIELDS} for r in doc["results"]]}
+            "results": [{k: r[k] for k in JSON_FIELDS} for r in doc["results"]],
+            "expertflow_versus": versus(doc)}
 
 
 def write_results(doc: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
-    write_atomic(paths[0], json.dumps(doc, indent=1) + "\n")
+    write_atomic(paths[0], json.dumps({**doc, "expertflow_versus": versus(doc)}, indent=1) + "\n")
     write_atomic(paths[1], markdown(doc))
     return paths
 

@@ -16,8 +16,8 @@ import torch
 from expertflow.bench.costs import measure_expert_costs
 from expertflow.bench.harness import run_bench
 from expertflow.bench.plots import write_plots
-from expertflow.bench.report import (COLUMNS, PIPELINE_COLUMNS, json_line, pipeline_rows, table_rows, title,
-                                     write_results)
+from expertflow.bench.report import (COLUMNS, PIPELINE_COLUMNS, VERSUS_COLUMNS, json_line, pipeline_rows, table_rows,
+                                     title, versus_rows, write_results)
 from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
 from expertflow.cli.report import print_json_line, print_table
@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(title(doc), COLUMNS, table_rows(doc))
     if pipeline := pipeline_rows(doc):
         print_table("token scheduler (TS) and routing predictor", PIPELINE_COLUMNS, pipeline)
+    if against := versus_rows(doc):
+        print_table("expertflow against every system", VERSUS_COLUMNS, against)
     print(f"results, table and plots in {config.out}")
     if args.json:
         print_json_line(json_line(doc))
