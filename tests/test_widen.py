@@ -44,12 +44,14 @@ def test_a_widened_copy_records_its_source_and_the_embedded_models_copies_plan_f
     from expertflow.cli.bench import _predictor
     from expertflow.config import EngineConfig
     from expertflow.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR_DIR, shipped_predictor_for
-    from expertflow.lineage import RECORD_FILE, origin, write_record
+    from expertflow.lineage import RECORD_FILE, fingerprint, origin, write_record
 
     wide = widen_checkpoint(tiny_mixtral_dir, tmp_path / "wide", intermediate_size=32)
     wider = widen_checkpoint(wide, tmp_path / "wider", intermediate_size=48)
     assert origin(wider) == origin(wide) == tiny_mixtral_dir.resolve()
     assert json.loads((wide / RECORD_FILE).read_text())["source_intermediate_size"] == 16
+    # a copy of a copy carries the first model's fingerprint, not its immediate source's
+    assert json.loads((wider / RECORD_FILE).read_text())["origin_sha256"] == fingerprint(tiny_mixtral_dir)
     assert shipped_predictor_for(wider) is None  # another model's copy: its own predictor must be given
     assert EngineConfig(model=wider, cache_experts=8, policy="expertflow").predictor is None
 
@@ -62,9 +64,18 @@ def test_a_widened_copy_records_its_source_and_the_embedded_models_copies_plan_f
     assert _predictor(argparse.Namespace(model=copy, predictor=None)) == EMBEDDED_PREDICTOR_DIR
     assert _predictor(argparse.Namespace(model=copy, predictor=tmp_path)) == tmp_path
 
+    # The embedded model moved (a reinstalled package): the recorded path is stale, the fingerprint still names it
+    record = json.loads((copy / RECORD_FILE).read_text())
+    assert record["origin_sha256"] == fingerprint(EMBEDDED_MODEL_DIR)
+    (copy / RECORD_FILE).write_text(json.dumps({**record, "source": str(tmp_path / "gone")}))
+    assert shipped_predictor_for(copy) == EMBEDDED_PREDICTOR_DIR
+    (copy / RECORD_FILE).write_text(json.dumps({**record, "source": str(tmp_path / "gone"), "origin_sha256": "0"}))
+    assert shipped_predictor_for(copy) is None
+
     (copy / RECORD_FILE).write_text("not json")
     with pytest.raises(ExpertflowError, match="is not a widen record"):
         origin(copy)
+    (copy / RECORD_FILE).unlink()
     write_record(copy, copy, 4096, 256)  # a record naming itself: a cycle
     with pytest.raises(ExpertflowError, match="form a cycle"):
         origin(copy)
