@@ -87,8 +87,10 @@ def _settings(settings: dict[str, float], policies: list[str]) -> dict[str, dict
 def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:
     """Traces of the embedded model (or, with --model, of a widened copy of it) plan from the RPP shipped with it,
     as `generate` does; others must say."""
-    shipped = shipped_predictor_for(model) if model is not None else \
-        EMBEDDED_PREDICTOR_DIR if traces.header.model == EMBEDDED_MODEL_NAME else None
+    if model is not None:
+        shipped = shipped_predictor_for(model)
+    else:
+        shipped = EMBEDDED_PREDICTOR_DIR if traces.header.model == EMBEDDED_MODEL_NAME else None
     if shipped is not None:
         return str(shipped)
     raise ExpertflowError("policy expertflow plans from a routing predictor; pass --predictor DIR "
