@@ -22,6 +22,11 @@ ENGINES = {"decoder": Engine, "encoder-decoder": Seq2SeqEngine}
 def check_prompt(prompt: str) -> None:
     if not prompt or not prompt.strip():
         raise ExpertflowError("empty prompt: pass some text with --prompt")
+    try:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ExpertflowError(f"--prompt must be UTF-8 text: character {exc.start} is a byte that is not "
+                              "(or a lone surrogate); pass the prompt as UTF-8") from None
 
 
 class ExpertflowModel:
@@ -61,6 +66,11 @@ class ExpertflowModel:
     def model(self):
         """The underlying transformers model, with its MoE `experts` modules offloaded."""
         return self._parts.model
+
+    @property
+    def budget_note(self) -> str | None:
+        """A note for the user when the byte budget holds more than every expert (capped, not refused)."""
+        return self._parts.budget_note
 
     @property
     def cache(self):
@@ -136,15 +146,20 @@ class ExpertflowModel:
 
 def from_pretrained(path: str | Path | None = None, *, cache_experts: int | None = None,
                     cache_bytes: int | str | None = None, memory_budget: int | str | None = None,
-                    policy: str | None = None, store: str = "host",
-                    device: str = "cpu", dtype: str = "float32", predictor: str | Path | Predictor | None = None,
-                    transfer_ratio: float | None = None,
+                    policy: str | None = None, store: str | None = None, page_cache: bool = False,
+                    device: str = "cpu", dtype: str = "auto", predictor: str | Path | Predictor | None = None,
+                    transfer_ratio: float | None = None, experts_implementation: str = "auto",
                     policy_settings: dict[str, float] | None = None) -> ExpertflowModel:
-    """Load an MoE checkpoint with offloaded experts. Without `path`, the embedded tiny-mixtral-32e.
+    """Load an MoE checkpoint with offloaded experts. `path`: a directory, or a hub id ("owner/name[@revision]")
+    found in the Hugging Face cache or downloaded into it; without one, the embedded tiny-mixtral-32e.
 
     The fast-tier budget is one of `cache_experts` (slots), `cache_bytes` (bytes of expert slots) or
     `memory_budget` (bytes of the whole fast tier: non-expert weights, then expert slots); sizes may be
     written like "2GiB".
+    `experts_implementation`: whose arithmetic the offloaded experts reproduce bit for bit, "auto" (transformers'
+    default for the model, grouped_mm) or "eager" / "grouped_mm" / "batched_mm".
+    `store`: the slow tier, default disk on a CPU device and host RAM on CUDA; `page_cache`: let disk reads go
+    through the OS page cache (default: bypass it). `dtype`: "auto" (the checkpoint's own) or a dtype name.
     `predictor`: a trained RPP directory, or an object with `predict`/`predict_next` (policy expertflow).
     `policy_settings`: the policy's knobs, e.g. {"threshold": 0.2} for expertflow (PLECConfig)."""
     if isinstance(cache_bytes, str):
@@ -155,7 +170,8 @@ def from_pretrained(path: str | Path | None = None, *, cache_experts: int | None
     given = predictor if predictor is not None and not isinstance(predictor, (str, Path)) else None
     config = EngineConfig(**kwargs, cache_experts=cache_experts, cache_bytes=cache_bytes,
                           memory_budget=memory_budget, policy=policy,
-                          store=store, device=device, dtype=dtype, transfer_ratio=transfer_ratio,
+                          store=store, page_cache=page_cache, device=device, dtype=dtype,
+                          transfer_ratio=transfer_ratio, experts_implementation=experts_implementation,
                           predictor=Path(predictor) if isinstance(predictor, (str, Path)) else None,
                           policy_settings=dict(policy_settings or {}))
     return ExpertflowModel(config, given)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from expertflow.decode_session import DecodeSession
-from expertflow.engine import Engine, Sampler, check_request
+from expertflow.engine import Engine, Sampler, check_logits, check_request
+from expertflow.errors import ExpertflowError
 from expertflow.kv import KVBatch, merge, select
 from expertflow.policies.forecast import batch_forecast
 from expertflow.scheduler import Grouping, Scheduler, routing_paths
@@ -146,10 +147,18 @@ class BatchRunner:
         return Batch(members, KVBatch(cache, mask), logits)
 
     def sample(self, batches: list[Batch], finished: list[Sequence]) -> list[Batch]:
-        """Append each row's next token; finished sequences leave their batch (their KV rows are dropped)."""
+        """Append each row's next token; finished sequences leave their batch (their KV rows are dropped).
+        A batch whose logits went NaN/Inf finishes its sequences with that error; the others go on."""
         eos = set(self.parts.eos_token_ids)
         kept = []
         for batch in batches:
+            try:
+                self._check(batch)
+            except ExpertflowError as exc:
+                for seq in batch.members:
+                    seq.finish_reason, seq.error = "error", exc
+                finished.extend(batch.members)
+                continue
             rows = []
             for row, seq in enumerate(batch.members):
                 if not seq.cancelled:
@@ -167,6 +176,12 @@ class BatchRunner:
             elif rows:
                 kept.append(Batch([batch.members[r] for r in rows], select(batch.kv, rows)))
         return kept
+
+    def _check(self, batch: Batch) -> None:
+        """`engine.check_logits` over the batch's rows, each at its own step."""
+        members = batch.members
+        check_logits(batch.logits, [len(s.generated) for s in members],
+                     lambda row: self.engine.nonfinite_layer(members[row].prompt + members[row].generated))
 
     def regroup(self, batches: list[Batch]) -> list[Batch]:
         """Predict each live sequence's routing, schedule, and move the KV rows to the new batches."""

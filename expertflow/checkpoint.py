@@ -1,21 +1,23 @@
 """Read a safetensors checkpoint (single file or sharded with an index) tensor by tensor, by name.
 
 Nothing is materialised up front: each tensor is read from its file when asked for, so experts can be
-left on disk and read one at a time.
+left on disk and read one at a time. Reads are positional reads into a fresh tensor, not views of a memory
+map: a mapped file's touched pages would stay in the process's resident set beside the copy the model
+keeps, holding the weights twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from expertflow.adapters import TensorRef
+from expertflow.direct_io import read_exact
 from expertflow.errors import ExpertflowError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -44,13 +46,10 @@ class Checkpoint:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         for path in self._shard_paths():
-            handle = _open(path)
-            self._handles[path] = handle
             self._headers[path] = _read_header(path)
-            for name in handle.keys():
+            for name in self._headers[path][1]:
                 self._file_of[name] = path
         self._check_index_complete()
 
@@ -85,16 +84,22 @@ class Checkpoint:
         return name in self._file_of
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self._file_of[name]].get_tensor(name)
-        except KeyError as exc:
-            raise ExpertflowError(f"tensor {name} is not in the checkpoint at {self.directory}") from exc
+        if name not in self._file_of:
+            raise ExpertflowError(f"tensor {name} is not in the checkpoint at {self.directory}")
+        return self.read_ref(TensorRef(name))
 
     def read_ref(self, ref: TensorRef) -> torch.Tensor:
         """One expert's piece: a whole per-expert tensor, or row `index` of a fused 3-D tensor."""
-        if ref.index is None:
-            return self.read(ref.name)
-        return self._handles[self._file_of[ref.name]].get_slice(ref.name)[ref.index]
+        extent = self.extent(ref)
+        tensor = torch.empty(extent.shape, dtype=extent.dtype)
+        if extent.nbytes:
+            fd = os.open(extent.path, os.O_RDONLY)
+            try:
+                read_exact(fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), extent.offset, extent.nbytes,
+                           extent.path)
+            finally:
+                os.close(fd)
+        return tensor
 
     def file_of(self, name: str) -> Path:
         return self._file_of[name]
@@ -109,6 +114,9 @@ class Checkpoint:
         entry = header[ref.name]
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
+        if entry["dtype"] not in _DTYPES:
+            raise ExpertflowError(f"tensor {ref.name} in {path} is stored as {entry['dtype']}, which expertflow does "
+                                  f"not read ({', '.join(_DTYPES)}); convert the checkpoint")
         if ref.index is not None:
             row = (end - begin) // shape[0]
             begin, end, shape = begin + ref.index * row, begin + (ref.index + 1) * row, shape[1:]
@@ -132,17 +140,48 @@ class Checkpoint:
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
-    """(offset where tensor data starts, the JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return 8 + length, json.loads(f.read(length))
-
-
-def _open(path: Path):
+    """(offset where tensor data starts, the JSON header without its metadata) of a safetensors file, checked
+    against the file's size so that a truncated copy fails here, not halfway through a generation."""
     if not path.is_file():
         raise ExpertflowError(f"checkpoint shard {path} is missing; copy the whole checkpoint directory")
+    size = path.stat().st_size
     try:
-        return safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own SafetensorError and OSError subclasses
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExpertflowError(f"{path} is not a readable safetensors file ({reason}); it may be truncated: copy it again") from exc
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if 8 + length > size:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise ExpertflowError(f"{path} is not a readable safetensors file ({exc}); it may be truncated: "
+                              "copy it again") from None
+    if 8 + length + end > size:
+        raise ExpertflowError(f"{path} holds {size} bytes but its header describes {8 + length + end}; the file is "
+                              "truncated: copy it again")
+    return 8 + length, header
+
+
+def stored_dtype(directory: Path) -> str:
+    """The dtype a checkpoint's weights are stored in, as transformers' `dtype="auto"` reads it: config.json's
+    `dtype` (`torch_dtype` before transformers 5), else the dtype of most of its floating-point bytes, else
+    float32."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str):
+        return named.removeprefix("torch.")
+    nbytes: dict[torch.dtype, int] = {}
+    try:
+        checkpoint = Checkpoint(directory)
+    except ExpertflowError:
+        return "float32"  # transformers' fallback; loading such a directory fails later, naming what is wrong
+    for name in checkpoint.keys():
+        extent = checkpoint.extent_of(name)
+        if extent.dtype.is_floating_point:
+            nbytes[extent.dtype] = nbytes.get(extent.dtype, 0) + extent.nbytes
+    if not nbytes:
+        return "float32"
+    return str(max(nbytes, key=nbytes.get)).removeprefix("torch.")

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 
+from expertflow.checkpoint import stored_dtype
 from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
+from expertflow.hub import resolve_model
 from expertflow.policies import policy_class, policy_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_NAMES = ("host", "disk")
 DEVICE_TYPES = ("cpu", "cuda")
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
@@ -32,6 +35,13 @@ def parse_size(text: str) -> int:
 def slots_within(memory_budget: int, resident_bytes: int, expert_bytes: int) -> int:
     """Expert slots a whole fast-tier budget buys once the non-expert weights are in."""
     return max(memory_budget - resident_bytes, 0) // expert_bytes
+
+
+def default_store(device: str) -> str:
+    """The slow tier that fits the device: on a CPU the fast tier is RAM itself, so a host-RAM store would hold every
+    expert in the memory the budget is meant to bound; the disk store keeps them in the files. On CUDA, host RAM is
+    the slow tier beside GPU memory."""
+    return "disk" if device.split(":")[0] == "cpu" else "host"
 
 
 def _mib(n: int) -> str:
@@ -52,19 +62,22 @@ class EngineConfig:
     cache_bytes: int | None = None
     memory_budget: int | None = None
     policy: str | None = None
-    store: str = "host"
+    store: str | None = None               # None: disk on a CPU device (its fast tier is RAM itself), host on CUDA
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"                    # auto: the checkpoint's own (config.json's dtype), as transformers does
     predictor: Path | None = None          # a trained RPP directory (policy expertflow plans from it); the
                                            # embedded model's own when it runs a forecasting policy
     transfer_ratio: float | None = None    # expert loads issued per layer window; None = no limit
-    drop_page_cache: bool = False          # disk store: bypass the OS page cache (really read the disk)
+    page_cache: bool = False               # disk store: read through the OS page cache (default: bypass it, so the
+                                           # budget bounds the memory the run takes and every fetch reads the disk)
     io_threads: int = 1                    # expert transfers run at once (a device serving parallel reads gains)
+    experts_implementation: str = "auto"   # whose arithmetic the experts reproduce bit for bit: auto is transformers'
+                                           # default for the model (grouped_mm), or eager, grouped_mm, batched_mm
     policy_settings: dict[str, float] = field(default_factory=dict)  # the policy's knobs, e.g. PLEC's
                                            # {"threshold": 0.2}; empty: its defaults
 
     def __post_init__(self) -> None:
-        self.model = Path(self.model).expanduser()
+        self.model = resolve_model(self.model)  # a directory, or a hub id's snapshot in the Hugging Face cache
         if self.predictor is not None:
             self.predictor = Path(self.predictor).expanduser()
             if not self.predictor.is_dir():
@@ -72,8 +85,6 @@ class EngineConfig:
                                       "expertflow train-predictor --out DIR")
         if self.transfer_ratio is not None and self.transfer_ratio <= 0:
             raise ExpertflowError(f"--transfer-ratio must be positive (expert loads per layer), got {self.transfer_ratio}")
-        if not self.model.is_dir():
-            raise ExpertflowError(f"model directory {self.model} does not exist; pass --model DIR of a saved checkpoint")
         budgets = [flag for flag, value in (("--cache-experts", self.cache_experts), ("--cache-bytes", self.cache_bytes),
                                             ("--memory-budget", self.memory_budget)) if value is not None]
         if len(budgets) > 1:
@@ -84,14 +95,24 @@ class EngineConfig:
             raise ExpertflowError(f"--cache-bytes must be positive, got {self.cache_bytes}")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise ExpertflowError(f"--memory-budget must be positive, got {self.memory_budget}")
+        if self.store is None:
+            self.store = default_store(self.device)
         if self.store not in STORE_NAMES:
             raise ExpertflowError(f"unknown store {self.store!r}; choose one of {', '.join(STORE_NAMES)}")
+        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ExpertflowError(f"unknown experts implementation {self.experts_implementation!r}; choose one of "
+                                  f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
         if self.io_threads < 1:
             raise ExpertflowError(f"--io-threads must be at least 1 (expert reads run at once), got {self.io_threads}")
-        if self.drop_page_cache and self.store != "disk":
-            raise ExpertflowError("--disk-direct applies to --store disk only")
+        if self.page_cache and self.store != "disk":
+            raise ExpertflowError("--page-cache applies to --store disk only (the host store reads no file after loading)")
+        if self.dtype == "auto":
+            self.dtype = stored_dtype(self.model)
+            if self.dtype not in DTYPES:
+                raise ExpertflowError(f"{self.model} stores its weights as {self.dtype}, which expertflow does not "
+                                      f"compute in; pass --dtype {' or '.join(DTYPES)}")
         if self.dtype not in DTYPES:
-            raise ExpertflowError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise ExpertflowError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(DTYPES)}")
         device_type = self.device.split(":")[0]
         if device_type not in DEVICE_TYPES:
             raise ExpertflowError(f"unknown device {self.device!r}; choose cpu or cuda")
@@ -118,7 +139,7 @@ class EngineConfig:
         if self.cache_experts is not None:
             return self.cache_experts
         if self.cache_bytes is not None:
-            return self.cache_bytes // expert_bytes
+            return min(self.cache_bytes // expert_bytes, num_experts_total)
         if self.memory_budget is not None:
             slots = slots_within(self.memory_budget, resident_bytes, expert_bytes)
             if slots < minimum:
@@ -129,3 +150,14 @@ class EngineConfig:
                     f"({_mib(expert_bytes)} each): use --memory-budget {math.ceil(needed / 2**20)}MiB or more")
             return min(slots, num_experts_total)
         return num_experts_total
+
+    def capped_note(self, num_experts_total: int, expert_bytes: int, resident_bytes: int) -> str | None:
+        """What to tell a user whose byte budget holds more than every expert: it was capped, not refused."""
+        needed = num_experts_total * expert_bytes
+        if self.cache_bytes is not None and self.cache_bytes > needed:
+            return (f"--cache-bytes {_mib(self.cache_bytes)} is more than every expert takes ({_mib(needed)}): "
+                    f"all {num_experts_total} experts are resident")
+        if self.memory_budget is not None and self.memory_budget > needed + resident_bytes:
+            return (f"--memory-budget {_mib(self.memory_budget)} is more than the whole model takes "
+                    f"({_mib(needed + resident_bytes)}): all {num_experts_total} experts are resident")
+        return None

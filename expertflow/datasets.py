@@ -1,14 +1,15 @@
 """Prompt sets by name or path: the paper's evaluation sets (alpaca, xsum, wmt16, aime24), the language-model
 corpus the embedded model was trained on (`corpus`, for predictor training data), and local files.
 
-Named sets live under the data root: `$EXPERTFLOW_DATA` if set, else `shared/data` beside the repository
-(resolved from this file, so a fresh clone placed next to `shared/` finds it). Local files:
+Named sets ship inside the package (`expertflow/data`, gzipped; licences in its README); `$EXPERTFLOW_DATA`
+points at another data root laid out the same way (plain or gzipped files). Local files:
 `.jsonl` (field `prompt`, else `text`, one object per line), `.txt` (one prompt per line), `.json` (a list
 of strings, of objects with `prompt`/`text`, or of Alpaca records with `instruction`).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Callable
@@ -27,12 +28,12 @@ AIME_TEMPLATE = "Solve the problem.\n{problem}\nAnswer:"
 CORPUS_MIN_CHARS = 200  # a corpus line this long is a paragraph of prose or code, not a heading or a blank
 
 
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+
+
 def data_root() -> Path:
     env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    # <repo>/expertflow/datasets.py -> <repo>/../shared/data
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return Path(env).expanduser() if env else PACKAGE_DATA
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -41,8 +42,13 @@ def alpaca_prompt(record: dict) -> str:
     return ALPACA_TEMPLATE.format(instruction=record["instruction"])
 
 
+def alpaca_records(root: Path | None = None) -> list[dict]:
+    """The Alpaca records themselves (instruction, input, output), e.g. for a task built on their outputs."""
+    return _read_json((root or data_root()) / "eval" / "alpaca_en_demo.json")
+
+
 def _load_alpaca(root: Path) -> list[str]:
-    return [alpaca_prompt(r) for r in _read_json(root / "eval" / "alpaca_en_demo.json")]
+    return [alpaca_prompt(r) for r in alpaca_records(root)]
 
 
 def _load_xsum(root: Path) -> list[str]:
@@ -61,7 +67,7 @@ def _load_aime24(root: Path) -> list[str]:
 def _load_corpus(root: Path) -> list[str]:
     """Paragraphs of every corpus file, interleaved file by file, so any slice mixes the domains (arxiv,
     books, c4, code, wikipedia, WikiText) rather than being one of them."""
-    files = sorted((root / "corpus").glob("*.txt"))
+    files = sorted([*(root / "corpus").glob("*.txt"), *(root / "corpus").glob("*.txt.gz")])
     if not files:
         _check_exists(root / "corpus" / "*.txt")
     per_file = [[line for line in _read_lines(f) if len(line) >= CORPUS_MIN_CHARS] for f in files]
@@ -101,7 +107,17 @@ def _load_local(path: Path) -> list[str]:
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json(path)
     if not isinstance(rows, list):
         raise ExpertflowError(f"{path}: expected a JSON list of prompts, got {type(rows).__name__}")
-    return [_row_prompt(row, path, i) for i, row in enumerate(rows)]
+    return [_utf8(_row_prompt(row, path, i), path, i) for i, row in enumerate(rows)]
+
+
+def _utf8(prompt: str, path: Path, index: int) -> str:
+    """A JSON string may escape a lone surrogate ("\\ud800"): valid JSON, but no text a tokenizer takes."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ExpertflowError(f"{path}: row {index} must be UTF-8 text, but character {exc.start} is a lone "
+                              "surrogate escape (\\ud800-\\udfff); write the prompt as UTF-8") from None
+    return prompt
 
 
 def _row_prompt(row: object, path: Path, index: int) -> str:
@@ -122,9 +138,22 @@ def _check_exists(path: Path) -> None:
         raise ExpertflowError(f"dataset file not found: {path}{hint}")
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    """A file's text; a named set's file may be stored gzipped beside its plain name (`x.json` as `x.json.gz`)."""
+    gzipped = path.with_name(path.name + ".gz")
+    if not path.is_file() and gzipped.is_file():
+        path = gzipped
     _check_exists(path)
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExpertflowError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                              "save it as UTF-8") from None
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.rstrip("\n") for line in _read_text(path).splitlines() if line.strip()]
 
 
 def _read_jsonl(path: Path) -> list:
@@ -138,8 +167,7 @@ def _read_jsonl(path: Path) -> list:
 
 
 def _read_json(path: Path) -> object:
-    _check_exists(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise ExpertflowError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

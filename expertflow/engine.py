@@ -10,7 +10,9 @@ Shape legend: B sequences, S positions, V vocabulary, L MoE layers, K top_k.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +21,7 @@ import torch
 
 from expertflow.adapters.kv_argument import KVArgument
 from expertflow.errors import ExpertflowError
+from expertflow.experts import first_nonfinite_layer
 from expertflow.loading import OffloadedModel
 from expertflow.policies import Forecast
 from expertflow.policies.forecast import batch_forecast
@@ -37,12 +40,17 @@ class GenerationOutput:
     last_logits: torch.Tensor | None = None  # (B, V) float32 logits of the last decoding step
 
 
+def check_temperature(temperature: float) -> None:
+    """The one rule for a sampling temperature, whichever front end it came through (CLI, API, traces)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ExpertflowError(f"--temperature must be a finite number >= 0, got {temperature}")
+
+
 class Sampler:
     """Greedy at temperature 0, otherwise softmax sampling from a seeded generator."""
 
     def __init__(self, temperature: float, seed: int | None) -> None:
-        if temperature < 0:
-            raise ExpertflowError(f"temperature must be >= 0, got {temperature}")
+        check_temperature(temperature)
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
 
@@ -53,10 +61,35 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
+# Row b of a forward whose logits went non-finite -> the MoE layer whose experts' output first did, or None.
+NonFiniteLocator = Callable[[int], int | None]
+
+
+def check_logits(logits: torch.Tensor, steps: list[int], locate: NonFiniteLocator | None = None,
+                 done: torch.Tensor | None = None) -> None:
+    """Stop on NaN/Inf logits (B, V) before they are sampled (their argmax is token 0, silently).
+
+    `steps[b]`: the tokens row b has generated (0: these logits are its prefill's); rows set in `done` (B,)
+    are not sampled, so not checked. One reduction and one sync per forward; `locate` runs only on failure."""
+    finite = torch.isfinite(logits).all(dim=-1)  # (B,)
+    if done is not None:
+        finite |= done
+    if bool(finite.all()):
+        return
+    row = int((~finite).nonzero()[0])
+    where = "prefill" if steps[row] == 0 else f"decode step {steps[row]}"
+    layer = locate(row) if locate is not None else None
+    first = f" (first in the experts' output of MoE layer {layer})" if layer is not None else ""
+    raise ExpertflowError(f"the model's logits are NaN/Inf at {where}{first}; its weights are corrupt or "
+                          "overflow the dtype: check or re-download the checkpoint, or pass --dtype float32")
+
+
 def sample_step(sampler: Sampler, logits: torch.Tensor, finished: torch.Tensor, generated: list[list[int]],
-                eos: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+                eos: torch.Tensor, pad_token_id: int, locate: NonFiniteLocator | None = None) -> torch.Tensor:
     """Sample the batch's next tokens (B,), append them to the unfinished sequences, and mark those that
-    reached eos in `finished` (in place); finished rows get padding."""
+    reached eos in `finished` (in place); finished rows get padding. Non-finite logits stop the run
+    (`check_logits`, with `locate` naming the layer)."""
+    check_logits(logits, [len(g) for g in generated], locate, done=finished)
     token = torch.where(finished, pad_token_id, sampler(logits))
     for b in torch.nonzero(~finished).flatten().tolist():
         generated[b].append(int(token[b]))
@@ -120,7 +153,8 @@ class Engine:
             self._keep_prompt_routing(routing, mask)
         prefill_seconds = time.perf_counter() - start
         for step in range(max_new_tokens):
-            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id)
+            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id,
+                                lambda b: self.nonfinite_layer(input_ids[b] + generated[b]))
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
@@ -177,6 +211,14 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.kv_argument.inputs(kv),
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].to(dtype=torch.float32), self.kv_argument.output(out)
+
+    @torch.inference_mode()
+    def nonfinite_layer(self, token_ids: list[int]) -> int | None:
+        """The MoE layer whose experts' output first went NaN/Inf over one sequence's tokens, rerun without a
+        KV cache, or None. Only for a run that already failed: it checks, and syncs, every layer."""
+        ids = torch.tensor([token_ids], device=self.device)
+        with self.recorder.paused():  # the rerun is no step of the run
+            return first_nonfinite_layer(self.model, lambda: self.forward(ids, torch.ones_like(ids), None, None))
 
     def _keep_prompt_routing(self, routing: list[list[np.ndarray]], mask: torch.Tensor) -> None:
         batch, width = mask.shape

@@ -22,6 +22,7 @@ from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.experts import OffloadedExperts, RoutingObserver
+from expertflow.hub import model_name
 from expertflow.policies import CachePolicy, build_policy, policy_class, policy_settings
 from expertflow.residency import Residency
 from expertflow.store import STORES, ExpertStore
@@ -42,6 +43,7 @@ class OffloadedModel:
     pad_token_id: int
     name: str
     resident_bytes: int = 0  # fast-tier bytes of every non-expert weight (what a memory budget holds first)
+    budget_note: str | None = None  # why the budget bought fewer slots than it names (it holds every expert)
 
 
 def read_config(config: EngineConfig):
@@ -59,7 +61,12 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     adapter = adapter_for(hf_config)
     checkpoint = Checkpoint(config.model)
     with init_empty_weights(include_buffers=False):
-        model = adapter.auto_class.from_config(hf_config, dtype=config.torch_dtype)
+        chosen_experts = {} if config.experts_implementation == "auto" else \
+            {"experts_implementation": config.experts_implementation}
+        model = adapter.auto_class.from_config(hf_config, dtype=config.torch_dtype, **chosen_experts)
+    # The offloaded experts combine their outputs as the implementation transformers picked for this model does
+    # (its default, grouped_mm, where the model has a choice), so the bits equal transformers' own.
+    implementation = getattr(model.config, "_experts_implementation_internal", None) or "eager"
     layers = adapter.moe_layers(model)
     if not layers:
         raise ExpertflowError(f"{config.model} has no routed MoE layers; expertflow runs Mixture-of-Experts models only")
@@ -74,11 +81,16 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     minimum = chosen.min_capacity(layers, adapter.num_experts, adapter.top_k)
     resident = resident_bytes(model, adapter, checkpoint, config)
     total_experts = len(layers) * adapter.num_experts
-    config.capacity(total_experts, expert_bytes, resident, minimum)
-    options = {"pin_memory": True} if config.store == "host" and config.torch_device.type == "cuda" else {}
-    if config.store == "disk":
-        options = {"drop_page_cache": config.drop_page_cache}
-    store = STORES[config.store](checkpoint, adapter, layers, config.torch_dtype, **options)
+    store_name = config.store
+    if config.capacity(total_experts, expert_bytes, resident, minimum) >= total_experts and \
+            config.torch_device.type == "cpu":
+        # Every expert stays in its slot, and on a CPU the slots are host RAM: a host store would hold each expert
+        # twice. Each is read from the files once instead.
+        store_name = "disk"
+    options = {"pin_memory": True} if store_name == "host" and config.torch_device.type == "cuda" else {}
+    if store_name == "disk":
+        options = {"page_cache": config.page_cache}
+    store = STORES[store_name](checkpoint, adapter, layers, config.torch_dtype, **options)
     try:
         # A byte budget pays for the slots as the store lays them out (a zero-copy disk slot has spare room).
         capacity = config.capacity(total_experts, store.slot_bytes(config.torch_device), resident, minimum)
@@ -91,14 +103,17 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
                         transfer_ratio=config.transfer_ratio, background=policy.prefetches,
                         io_threads=config.io_threads)
     for layer in layers:
-        model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer))
+        model.set_submodule(adapter.experts_path(layer), OffloadedExperts(layer, adapter, cache, observer,
+                                                                                implementation))
 
     _load_resident_weights(model, adapter, checkpoint, config)
     model.to(config.torch_device).eval()
     eos, pad = _special_tokens(config, hf_config)
     return OffloadedModel(model=model, adapter=adapter, layers=layers, store=store, cache=cache, policy=policy,
                           tokenizer=_tokenizer(config), eos_token_ids=eos, pad_token_id=pad,
-                          name=config.model.name, resident_bytes=resident)
+                          name=model_name(config.model), resident_bytes=resident,
+                          budget_note=config.capped_note(total_experts, store.slot_bytes(config.torch_device),
+                                                         resident))
 
 
 def resident_bytes(model: nn.Module, adapter: MoEAdapter, checkpoint: Checkpoint, config: EngineConfig) -> int:

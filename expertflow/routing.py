@@ -6,6 +6,9 @@ L MoE layers, K top_k.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -20,6 +23,15 @@ class RoutingRecorder:
     def observe(self, layer: int, top_k_index: torch.Tensor) -> None:
         if self.enabled:
             self._current[layer] = top_k_index.detach().to("cpu", copy=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside, e.g. during a diagnostic rerun that is no step of the run."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
 
     def take(self) -> np.ndarray:
         """The last forward's routing as int16 (T, L, K), layers in ascending order; clears the buffer."""

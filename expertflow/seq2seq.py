@@ -35,6 +35,7 @@ import torch
 from expertflow.adapters.kv_argument import KVArgument
 from expertflow.engine import GenerationOutput, Predictor, Sampler, StepForecaster, check_request, sample_step
 from expertflow.errors import ExpertflowError
+from expertflow.experts import first_nonfinite_layer
 from expertflow.loading import OffloadedModel
 from expertflow.policies import Forecast
 from expertflow.policies.forecast import batch_forecast, restrict
@@ -83,7 +84,8 @@ class Seq2SeqEngine:
         if record_routing:
             self._take(self.decoder_layers, batch)  # the start token is no token of the sequence: no row
         for step in range(max_new_tokens):
-            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id)
+            token = sample_step(sampler, logits, finished, generated, eos, self.parts.pad_token_id,
+                                lambda b: self.nonfinite_layer(input_ids[b], generated[b]))
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             logits, kv = self._decode(token, encoded, mask, kv, self._step_forecast(forecaster, generated, step))
@@ -147,6 +149,22 @@ class Seq2SeqEngine:
         out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=token[:, None],
                          **self.kv_argument.inputs(kv), use_cache=True)
         return out.logits[:, -1, :].to(dtype=torch.float32), self.kv_argument.output(out)
+
+    @torch.inference_mode()
+    def nonfinite_layer(self, prompt: list[int], generated: list[int]) -> int | None:
+        """The MoE layer (encoder's first) whose experts' output first went NaN/Inf over one sequence, rerun
+        without a KV cache, or None. Only for a run that already failed: it checks, and syncs, every layer."""
+        ids = torch.tensor([prompt], device=self.device)
+        mask = torch.ones_like(ids)
+        decoder_ids = torch.tensor([[self.start_token_id, *generated]], device=self.device)
+
+        def rerun() -> None:
+            encoded = self._encode(ids, mask, None)
+            self.parts.cache.begin_step(None, self.decoder_layers)
+            self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=False)
+
+        with self.recorder.paused():  # the rerun is no step of the run
+            return first_nonfinite_layer(self.model, rerun)
 
     def _take(self, layers: list[int], tokens: int) -> np.ndarray:
         """The last forward's routing (tokens, len(layers), K), dropped tokens as NO_EXPERT."""

@@ -107,7 +107,7 @@ class _Span:
 
 class DiskStore(ExpertStore):
     """Reads each expert's bytes from the safetensors files with positional reads, straight into the
-    destination when dtypes match. With `drop_page_cache` the reads bypass the OS page cache, so every
+    destination when dtypes match. Without `page_cache` the reads bypass the OS page cache, so every
     fetch really reads the disk: O_DIRECT where the file system takes it (see `direct_io`; an expert's
     neighbouring tensors are fetched with one read, scattered straight into a CPU slot placed by `place`
     when every tensor is whole pages), else a buffered read per tensor whose range is then dropped
@@ -116,15 +116,15 @@ class DiskStore(ExpertStore):
     name = "disk"
 
     def __init__(self, checkpoint: Checkpoint, adapter: MoEAdapter, layers: list[int], dtype: torch.dtype,
-                 drop_page_cache: bool = False, direct_io: bool = True) -> None:
+                 page_cache: bool = False, direct_io: bool = True) -> None:
         super().__init__(checkpoint, adapter, layers, dtype)
-        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self.drop_page_cache = not page_cache and hasattr(os, "posix_fadvise")
         self.extents: dict[Key, list[Extent]] = {k: [checkpoint.extent(r) for r in refs] for k, refs in self.refs.items()}
         self._spans = {key: _spans_of(key, extents, self.numel) for key, extents in self.extents.items()}
         paths = {e.path for ex in self.extents.values() for e in ex}
         self._fds = {path: os.open(path, os.O_RDONLY) for path in paths}
         self._direct_fds: dict[Path, int] = {}
-        if drop_page_cache and direct_io:
+        if not page_cache and direct_io:
             self._direct_fds = {path: fd for path in paths if (fd := open_direct(path)) is not None}
         self._open = [*self._fds.values(), *self._direct_fds.values()]
         self._bounce = BounceBuffers()

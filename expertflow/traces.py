@@ -12,14 +12,12 @@ Format (version 1): one safetensors file.
       routing        int16 (T, L, K) selected expert ids of every token at every MoE layer; -1 (NO_EXPERT):
                      none, as the token did not pass the layer (the other stack of an encoder-decoder
                      model) or the router dropped it for capacity (Switch)
-Written atomically: a temp file in the same directory, then os.replace.
+Written atomically (expertflow.outputs.atomic_path): a temp file in the same directory, then os.replace.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from expertflow.errors import ExpertflowError
+from expertflow.outputs import atomic_path
 
 FORMAT_NAME = "expertflow-trace"
 FORMAT_VERSION = 1
@@ -121,16 +120,8 @@ def write_traces(traces: TraceSet, path: str | Path) -> Path:
         "routing": np.concatenate([s.routing for s in seqs] or [np.zeros((0, h.num_layers, h.top_k), np.int16)]),
     }
     header = dict(format=FORMAT_NAME, version=FORMAT_VERSION, **asdict(h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is an ordinary shared artefact
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
     return path
 
 
@@ -153,6 +144,9 @@ def _parse_header(path: Path, metadata: dict[str, str]) -> TraceHeader:
         raw = json.loads(metadata[HEADER_KEY])
     except (KeyError, json.JSONDecodeError):
         raise ExpertflowError(f"{path}: safetensors file without an expertflow trace header") from None
+    if not isinstance(raw, dict):
+        raise ExpertflowError(f"{path}: bad trace header (a JSON {type(raw).__name__}, not an object); "
+                              "trace again with `expertflow trace`")
     if raw.pop("format", None) != FORMAT_NAME or raw.pop("version", None) != FORMAT_VERSION:
         raise ExpertflowError(f"{path}: unsupported trace format (expected {FORMAT_NAME} v{FORMAT_VERSION})")
     try:
@@ -165,12 +159,11 @@ def _assemble(path: Path, header: TraceHeader, tensors: dict[str, np.ndarray]) -
     missing = [name for name in _TENSORS if name not in tensors]
     if missing:
         raise ExpertflowError(f"{path}: trace file lacks tensors {', '.join(missing)}")
+    problem = _layout_problem(tensors)
+    if problem is not None:
+        raise ExpertflowError(f"{path}: inconsistent trace file ({problem}); trace again with `expertflow trace`")
     p_lens, g_lens = tensors["prompt_lens"], tensors["generated_lens"]
     ids, routing = tensors["token_ids"], tensors["routing"]
-    total = int(p_lens.sum() + g_lens.sum())
-    if len(ids) != total or routing.shape[:1] != (total,) or len(g_lens) != len(p_lens):
-        raise ExpertflowError(f"{path}: inconsistent trace file (lengths sum to {total} tokens, "
-                              f"token_ids has {len(ids)}, routing has {routing.shape[0]})")
     sequences, start = [], 0
     for i, (p, g) in enumerate(zip(p_lens.tolist(), g_lens.tolist())):
         mid, end = start + p, start + p + g
@@ -181,6 +174,24 @@ def _assemble(path: Path, header: TraceHeader, tensors: dict[str, np.ndarray]) -
         return TraceSet(header, sequences)
     except ValueError as exc:
         raise ExpertflowError(f"{path}: {exc}") from None
+
+
+def _layout_problem(tensors: dict[str, np.ndarray]) -> str | None:
+    """What keeps the tensors from being the format's layout (see the module docstring), or None."""
+    per_sequence = [tensors[name] for name in ("prompt_lens", "generated_lens", "prompt_index", "run")]
+    if any(t.ndim != 1 or t.dtype.kind not in "iu" for t in per_sequence) or len({len(t) for t in per_sequence}) != 1:
+        return "prompt_lens, generated_lens, prompt_index and run must be integer vectors of one length"
+    ids, routing = tensors["token_ids"], tensors["routing"]
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or routing.ndim != 3 or routing.dtype.kind not in "iu":
+        return f"token_ids {ids.dtype}{list(ids.shape)} and routing {routing.dtype}{list(routing.shape)} must be " \
+               "integer (T,) and (T, L, K)"
+    p_lens, g_lens = tensors["prompt_lens"], tensors["generated_lens"]
+    if (p_lens < 0).any() or (g_lens < 0).any() or (ids < 0).any():
+        return "negative lengths or token ids"
+    total = int(p_lens.sum() + g_lens.sum())
+    if len(ids) != total or len(routing) != total:
+        return f"lengths sum to {total} tokens, token_ids has {len(ids)}, routing has {len(routing)}"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from expertflow.engine import check_temperature
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet
 
 
@@ -39,13 +40,13 @@ class TracingConfig:
     max_prompt_tokens: int = 256
 
     def __post_init__(self) -> None:
+        check_temperature(self.temperature)
         if self.runs < 1:
             raise ValueError(f"runs must be >= 1, got {self.runs}")
         if self.runs > 1 and self.temperature <= 0:
             raise ValueError("runs > 1 needs temperature > 0: greedy runs of one prompt are identical")
-        if self.max_new_tokens < 0 or self.temperature < 0:
-            raise ValueError(f"max_new_tokens and temperature must be >= 0, got "
-                             f"{self.max_new_tokens}, {self.temperature}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_prompt_tokens < 2:

@@ -10,9 +10,7 @@ Shape legend: H hidden, I old intermediate size, J new intermediate size.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,14 +25,17 @@ from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.lineage import write_record
 from expertflow.loading import read_config
+from expertflow.outputs import check_output_dir, write_dir
 
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "vocab.json", "merges.txt", "README.md")
 
 
-def widen_checkpoint(src: Path, dst: Path, intermediate_size: int) -> Path:
+def widen_checkpoint(src: Path, dst: Path, intermediate_size: int, overwrite: bool = False) -> Path:
     """Write a copy of `src` whose experts have `intermediate_size` (>= the current one), hub layout, one
-    shard per MoE layer. The directory appears whole or not at all."""
+    shard per MoE layer. A new directory appears whole or not at all; with `overwrite`, an existing one
+    gets the copy's files (each replaced atomically) and keeps its others."""
+    check_output_dir(dst, overwrite)
     config = EngineConfig(model=src)
     hf_config = read_config(config)
     adapter = adapter_for(hf_config)
@@ -43,30 +44,24 @@ def widen_checkpoint(src: Path, dst: Path, intermediate_size: int) -> Path:
     if intermediate_size < adapter.intermediate_size:
         raise ExpertflowError(f"--intermediate-size {intermediate_size} is below the model's {adapter.intermediate_size}; "
                               "widening only adds zeros")
-    dst = Path(dst)
-    if dst.exists():
-        raise ExpertflowError(f"{dst} already exists; choose a new --out directory")
     checkpoint = Checkpoint(config.model)
     available = set(checkpoint.keys())
     layers = sorted({int(k.split(".")[2]) for k in available if adapter.is_expert_tensor(k)})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         config_dict = json.loads((config.model / "config.json").read_text())
         config_dict[adapter.intermediate_attr] = intermediate_size
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
         shapes = _parameter_shapes(staging)
         weight_map = _write_shards(staging, checkpoint, adapter, layers, available, intermediate_size, shapes)
-        json.dump({"metadata": {}, "weight_map": weight_map}, open(staging / INDEX_FILE, "w"), indent=1)
+        with open(staging / INDEX_FILE, "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
         for name in _COPIED_FILES:
             if (config.model / name).is_file():
                 shutil.copy(config.model / name, staging / name)
         write_record(staging, config.model, intermediate_size, adapter.intermediate_size)
-        os.replace(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dst
+
+    return write_dir(dst, fill)
 
 
 def _write_shards(out: Path, checkpoint: Checkpoint, adapter, layers: list[int], available: set[str],

@@ -115,7 +115,9 @@ def test_forecast_accuracy_scores_each_decode_batch_as_it_ran(tiny_mixtral_dir):
         if want is None:
             assert got["b_acc"] == got["precision"] == 1.0
         else:
-            assert 0 < got["b_acc"] < 1 and got == pytest.approx(want)
+            assert 0 < got["b_acc"] < 1 and got.keys() == want.keys()
+            for key, value in want.items():  # approx compares flat values only (pytest 9 refuses nesting)
+                assert got[key] == pytest.approx(value), key
     plain = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=12).generate_many(
         input_ids=prompts, batch_size=3, max_new_tokens=NEW_TOKENS)
     assert plain.forecast_accuracy is None  # no predictor, no forecasts to score

@@ -112,7 +112,7 @@ def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Pa
     # Systems without a cache first, then each size's systems back to back (closest in time).
     assert [(r.system, r.cache_experts) for r in runs] == [
         ("all-in-memory", None), ("accelerate", 6), ("lru", 6), ("accelerate", 12), ("lru", 12)]
-    assert all(r.drop_page_cache and r.scheduler == "fifo" and r.io_threads == 1 for r in runs)
+    assert all(not r.page_cache and r.scheduler == "fifo" and r.io_threads == 1 for r in runs)
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "150%", "ten", "5.5"])

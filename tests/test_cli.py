@@ -39,7 +39,7 @@ def test_generate_json_contract(capsys):
                   "peak_expert_bytes", "all_expert_bytes"):
         assert field in payload
     assert len(payload["token_ids"]) == 6 or payload["token_ids"][-1] == 0
-    assert payload["peak_expert_bytes"] <= 16 * 393216
+    assert payload["peak_expert_bytes"] <= 16 * (393216 + 4096)  # a zero-copy disk slot holds a page spare
     assert payload["all_expert_bytes"] == 256 * 393216
     assert payload["text"] in out.splitlines()[0] + "\n" + "\n".join(out.splitlines()[1:])
 

@@ -32,7 +32,7 @@ def _stores(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[HostSt
     checkpoint = Checkpoint(model_dir)
     layers = sorted({int(k.split(".")[2]) for k in checkpoint.keys() if adapter.is_expert_tensor(k)})
     return (HostStore(checkpoint, adapter, layers, dtype),
-            DiskStore(checkpoint, adapter, layers, dtype, drop_page_cache=True))
+            DiskStore(checkpoint, adapter, layers, dtype, page_cache=False))
 
 
 def _assert_same_experts(host: HostStore, store: DiskStore, read: dict | None = None) -> None:
@@ -180,7 +180,7 @@ def test_zero_copy_slots_count_against_the_budget_and_keep_the_tokens(page_sized
     theirs = reference_generate(model, prompts, 10, 1)[0]
     for policy in ("lru", "ring"):  # demand reads on the layer's thread, and a prefetching transfer worker
         m = ExpertflowModel(EngineConfig(model=model, memory_budget=budget, policy=policy, store="disk",
-                                         drop_page_cache=True))
+                                         page_cache=False))
         assert m.cache.slot_bytes == expert + SLOT_SLACK and m.cache.residency.capacity == 19
         out = m.generate(input_ids=prompts, max_new_tokens=10)
         m.close()
@@ -234,7 +234,7 @@ def test_direct_reads_cast_a_bf16_checkpoint_and_keep_the_tokens(tmp_path, tiny_
     _assert_same_experts(host, disk)
     disk.close()
     prompts = [[5, 9, 13, 2], [7, 7, 30]]
-    m = ExpertflowModel(EngineConfig(model=tmp_path / "bf16", cache_experts=6, store="disk", drop_page_cache=True))
+    m = ExpertflowModel(EngineConfig(model=tmp_path / "bf16", cache_experts=6, store="disk", page_cache=False))
     assert m.engine.parts.store.read_method == "O_DIRECT (page cache bypassed)"
     ours = m.generate(input_ids=prompts, max_new_tokens=6).sequences
     m.close()
@@ -261,7 +261,7 @@ def test_buffered_reads_dropped_from_the_page_cache_remain_a_choice(tiny_mixtral
     host, _ = _stores(tiny_mixtral_dir)
     checkpoint = Checkpoint(tiny_mixtral_dir)
     buffered = DiskStore(checkpoint, _adapter(tiny_mixtral_dir), sorted({k[0] for k in host.keys}), torch.float32,
-                         drop_page_cache=True, direct_io=False)
+                         page_cache=False, direct_io=False)
     assert buffered.read_method == "pread + posix_fadvise(DONTNEED) after each read (page cache bypassed)"
     _assert_same_experts(host, buffered)
     buffered.close()

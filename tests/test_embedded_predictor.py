@@ -8,7 +8,7 @@ import pytest
 
 import expertflow
 from expertflow.config import EngineConfig
-from expertflow.datasets import data_root, load_prompts
+from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_PREDICTOR_DIR
 from expertflow.predictor.baselines import TemporalBaseline
 from expertflow.predictor.evaluate import EvalConfig, evaluate
@@ -36,7 +36,6 @@ def test_expertflow_on_the_embedded_model_is_exact_with_the_shipped_predictor(em
         m.close()
 
 
-@pytest.mark.skipif(not (data_root() / "eval").is_dir(), reason="shared/data not beside the repo")
 def test_the_shipped_predictor_beats_the_previous_step_on_held_out_prompts():
     m = expertflow.from_pretrained()
     config = TracingConfig(dataset="alpaca", max_new_tokens=16)

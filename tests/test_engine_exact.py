@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import expertflow
+from tests.devices import DEVICES
 from tests.reference import reference_generate
 from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
@@ -38,12 +39,22 @@ def test_every_family_matches_transformers(tiny_model_dirs, family, store, size)
     _assert_matches_reference(model_dir, cache_experts=cache, policy="lru", store=store)
 
 
-def test_all_resident_policy_matches_transformers_bit_for_bit(tiny_mixtral_dir):
-    m = expertflow.from_pretrained(tiny_mixtral_dir)  # policy none: every expert resident
-    ours = m.generate(input_ids=PROMPTS[:1], max_new_tokens=NEW_TOKENS)
-    theirs, logits = reference_generate(tiny_mixtral_dir, PROMPTS[:1], NEW_TOKENS, 1, experts_implementation="eager")
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", None])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_all_resident_policy_matches_transformers_bit_for_bit(tiny_mixtral_dir, tmp_path, implementation, dtype):
+    """Each of transformers' experts implementations combines a token's experts in its own order and precision;
+    the offloaded experts follow the one the model uses (None: transformers' default), to the last bit."""
+    model_dir = tiny_mixtral_dir
+    if dtype == "bfloat16":
+        AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        model_dir = tmp_path / "bf16"
+    m = expertflow.from_pretrained(model_dir, experts_implementation=implementation or "auto")  # all resident
+    ours = m.generate(input_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
+    theirs, logits = reference_generate(model_dir, PROMPTS, NEW_TOKENS, 1, experts_implementation=implementation,
+                                        dtype="auto")
     assert ours.sequences == theirs
-    assert torch.equal(ours.last_logits, logits)
+    if all(len(s) == NEW_TOKENS for s in theirs):
+        assert torch.equal(ours.last_logits, logits.to(ours.last_logits.dtype))
     assert ours.stats.hit_ratio == 1.0 and ours.stats.expert_loads == 0
 
 
@@ -76,24 +87,46 @@ EMBEDDED_PROMPTS = ["Describe a process of making crepes.", "Give three tips for
                     "The capital of France is"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache,store", [(16, "disk"), (64, "host"), (256, "disk")])
-def test_embedded_model_matches_transformers(embedded_model_dir, cache, store):
-    m = expertflow.from_pretrained(cache_experts=cache, store=store)
+def test_embedded_model_matches_transformers(embedded_model_dir, cache, store, device):
+    m = expertflow.from_pretrained(cache_experts=cache, store=store, device=device)
     prompts = [m.encode(p) for p in EMBEDDED_PROMPTS]
     ours = m.generate(input_ids=prompts, max_new_tokens=16)
-    theirs, logits = reference_generate(embedded_model_dir, prompts, 16, m.engine.parts.pad_token_id)
+    theirs, logits = reference_generate(embedded_model_dir, prompts, 16, m.engine.parts.pad_token_id,
+                                        device=device)
     assert ours.sequences == theirs
     if all(len(s) == 16 for s in theirs):
-        torch.testing.assert_close(ours.last_logits, logits, atol=1e-5, rtol=0)
-    assert ours.stats.peak_expert_bytes <= cache * ours.stats.expert_bytes
+        torch.testing.assert_close(ours.last_logits.cpu(), logits, atol=1e-5, rtol=0)
+    assert ours.stats.peak_expert_bytes <= cache * m.cache.slot_bytes  # a zero-copy disk slot has a page spare
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("cache,store", [(None, None), (6, "disk"), (12, "host")])
+def test_bf16_checkpoint_at_the_default_dtype_matches_transformers_default(tmp_path, family, cache, store, device):
+    """Real checkpoints are bf16: by default both transformers and expertflow keep the checkpoint's dtype, and
+    the tokens and logits are identical, every expert resident or cached, from either store."""
+    fp32 = save_tiny_model(family, tmp_path / "fp32")
+    AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    m = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=cache, store=store, device=device)
+    assert m.config.dtype == "bfloat16" and m.config.store == (store or ("disk" if device == "cpu" else "host"))
+    assert m.cache.store.expert_bytes == m.cache.store.numel * 2  # held as stored, not upcast
+    ours = m.generate(input_ids=PROMPTS, max_new_tokens=8)
+    m.close()
+    theirs, logits = reference_generate(tmp_path / "bf16", PROMPTS, 8, 1, dtype="auto", device=device)
+    assert ours.sequences == theirs
+    if all(len(s) == 8 for s in theirs):
+        assert torch.equal(ours.last_logits.cpu(), logits.to(ours.last_logits.dtype))
 
 
 def test_bf16_checkpoint_runs_in_fp32_from_either_store(tmp_path, tiny_mixtral_dir):
-    """A bf16 checkpoint upcast on load: disk reads (staged cast) equal host reads and transformers in fp32."""
+    """A bf16 checkpoint upcast on load (an explicit dtype converts): disk reads (staged cast) equal host reads and
+    transformers in fp32."""
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
-    host = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="host")
-    disk = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="disk")
+    host = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="host", dtype="float32")
+    disk = expertflow.from_pretrained(tmp_path / "bf16", cache_experts=6, store="disk", dtype="float32")
     a = host.generate(input_ids=PROMPTS, max_new_tokens=8)
     b = disk.generate(input_ids=PROMPTS, max_new_tokens=8)
     assert a.sequences == b.sequences and torch.equal(a.last_logits, b.last_logits)

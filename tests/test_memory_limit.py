@@ -98,8 +98,8 @@ def test_accelerate_under_the_bound_gives_the_reference_tokens(tiny_mixtral_dir:
     spec = dict(model=str(tiny_mixtral_dir), batch_size=1, prompts=prompts, max_new_tokens=5,
                 offload_dir=str(tmp_path))
     reference = measure(RunSpec(system="all-in-memory", cache_experts=None, **spec))
-    bounded = measure(RunSpec(system="accelerate", cache_experts=6, drop_page_cache=True, **spec))
-    free = measure(RunSpec(system="accelerate", cache_experts=6, drop_page_cache=False, **spec))
+    bounded = measure(RunSpec(system="accelerate", cache_experts=6, page_cache=False, **spec))
+    free = measure(RunSpec(system="accelerate", cache_experts=6, page_cache=True, **spec))
     assert bounded["sequences"] == free["sequences"] == reference["sequences"]
     assert free["notes"]["offload_reads"] == "page cache (not bypassed; unbounded, as --page-cache asks)"
     notes = bounded["notes"]
@@ -122,7 +122,7 @@ def test_an_accelerate_run_killed_under_its_limit_is_a_one_line_error(monkeypatc
 
     monkeypatch.setattr(subprocess, "run", killed)
     spec = RunSpec(system="accelerate", model=str(tmp_path), cache_experts=6, batch_size=4, prompts=[[5]],
-                   max_new_tokens=2, drop_page_cache=True)
+                   max_new_tokens=2, page_cache=False)
     with pytest.raises(ExpertflowError, match=r"^bench run accelerate \(cache 6, batch 4\) was killed, most likely by "
                                               r"its memory cgroup's limit .*rerun with --page-cache") as e:
         measure(spec)

@@ -9,6 +9,7 @@ import torch
 import expertflow
 from expertflow.errors import ExpertflowError
 from expertflow.policies.forecast import one_hot_routing
+from tests.devices import DEVICES
 from tests.reference import reference_generate
 
 PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -66,18 +67,34 @@ class OraclePredictor(HashPredictor):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_mixtral_dir):
-    return reference_generate(tiny_mixtral_dir, PROMPTS, NEW_TOKENS, pad_token_id=1)[0]
+def references(tiny_mixtral_dir):
+    """transformers' greedy tokens on each device, computed on first use."""
+    cache: dict[str, list[list[int]]] = {}
+
+    def on(device: str) -> list[list[int]]:
+        if device not in cache:
+            cache[device] = reference_generate(tiny_mixtral_dir, PROMPTS, NEW_TOKENS, pad_token_id=1,
+                                               device=device)[0]
+        return cache[device]
+
+    return on
 
 
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["lru", "lfu", "ring", "pregated", "expertflow"])
 @pytest.mark.parametrize("cache", [6, 12])
-def test_every_policy_keeps_greedy_tokens_exact(tiny_mixtral_dir, reference, policy, cache):
+def test_every_policy_keeps_greedy_tokens_exact(tiny_mixtral_dir, references, policy, cache, device):
+    """The exactness grid; on CUDA the default store is host RAM (pinned) and transfers use a side stream."""
     predictor = HashPredictor(3, 8) if policy == "expertflow" else None
     m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=cache, policy=policy, predictor=predictor,
-                                   transfer_ratio=2.0)
+                                   transfer_ratio=2.0, device=device)
     try:
-        assert m.generate(input_ids=PROMPTS, max_new_tokens=NEW_TOKENS).sequences == reference
+        assert m.generate(input_ids=PROMPTS, max_new_tokens=NEW_TOKENS).sequences == references(device)
         assert m.stats.expert_loads == m.stats.prefetch_loads + m.stats.correction_loads
     finally:
         m.close()

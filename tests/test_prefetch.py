@@ -264,7 +264,7 @@ def test_greedy_tokens_exact_with_parallel_disk_reads(embedded_model_dir, embedd
     # A wrong forecast makes many prefetches that are evicted while in flight: the hard case for several readers.
     predictor = HashPredictor(8, 32) if policy == "expertflow" else None
     config = EngineConfig(model=embedded_model_dir, cache_experts=24, policy=policy, store="disk",
-                          drop_page_cache=True, io_threads=io_threads)
+                          page_cache=False, io_threads=io_threads)
     m = ExpertflowModel(config, predictor)
     try:
         assert m.generate(input_ids=EXACT_PROMPTS, max_new_tokens=EXACT_TOKENS).sequences == embedded_reference

@@ -78,7 +78,7 @@ def test_a_runs_stats_count_one_read_per_copy_it_ran(embedded_model_dir, policy)
 
     predictor = HashPredictor(8, 32) if policy == "expertflow" else None  # wrong: many evicted in flight
     model = ExpertflowModel(EngineConfig(model=embedded_model_dir, cache_experts=24, policy=policy, store="disk",
-                                         drop_page_cache=True), predictor)
+                                         page_cache=False), predictor)
     try:
         model.generate(input_ids=[[1, 306, 4966, 17]], max_new_tokens=6)
         stats = model.stats

@@ -16,7 +16,7 @@ import torch
 
 import expertflow
 from expertflow.batching import Batch, BatchRun, BatchRunner
-from expertflow.datasets import data_root, load_prompts
+from expertflow.datasets import alpaca_records, load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.scheduler import scheduler_class
 
@@ -283,7 +283,7 @@ def test_cli_registers_serve_with_the_server_schedulers():
 
 def write_lm_eval_task(root: Path) -> None:
     """A multiple-choice task over alpaca records: the right response's opening words vs another's."""
-    records = json.loads((data_root() / "eval" / "alpaca_en_demo.json").read_text())[:4]
+    records = alpaca_records()[:4]
     with open(root / "items.jsonl", "w") as f:
         for i, rec in enumerate(records):
             other = records[(i + 1) % len(records)]

@@ -13,6 +13,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import expertflow
+from expertflow.direct_io import SLOT_SLACK
 from expertflow.adapters import SwitchAdapter, adapter_for
 from expertflow.cli import main
 from expertflow.embedded import EMBEDDED_MODEL_DIR
@@ -122,7 +123,7 @@ def test_dropped_token_maps_to_no_expert():
 def test_lru_matches_transformers(switch_dir, reference, store, cache):
     out = _run(switch_dir, cache_experts=cache, policy="lru", store=store)
     _assert_matches(out, reference)
-    assert out.stats.peak_expert_bytes <= cache * out.stats.expert_bytes
+    assert out.stats.peak_expert_bytes <= cache * (out.stats.expert_bytes + SLOT_SLACK)  # a disk slot's spare page
 
 
 LIVE_POLICIES = sorted(name for name, cls in POLICIES.items() if not cls.needs_future and not cls.uses_forecast)
@@ -169,7 +170,7 @@ def test_generate_cli_text_to_text(switch_dir, capsys):
     ids = m.encode(prompt)
     assert result["token_ids"] == reference_generate(switch_dir, [ids], 6)[0][0]
     assert result["text"] == m.decode(result["token_ids"])
-    assert result["peak_expert_bytes"] <= 6 * result["expert_bytes"]
+    assert result["peak_expert_bytes"] <= 6 * (result["expert_bytes"] + SLOT_SLACK)
 
 
 def test_inspect_reports_encoder_and_decoder_moe_layers(switch_dir, capsys):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import expertflow
+from expertflow.direct_io import SLOT_SLACK
 from expertflow.cli import main
 from expertflow.config import EngineConfig
 from expertflow.loading import load
@@ -76,7 +77,7 @@ def _generate(model_dir: Path, predictor, prompts=PROMPTS, **config):
 def test_ring_matches_transformers(switch_dir, reference, store, cache):
     out = _generate(switch_dir, None, cache_experts=cache, policy="ring", store=store, transfer_ratio=1.0)
     _assert_matches(out, reference)
-    assert out.stats.prefetch_loads > 0 and out.stats.peak_expert_bytes <= cache * out.stats.expert_bytes
+    assert out.stats.prefetch_loads > 0 and out.stats.peak_expert_bytes <= cache * (out.stats.expert_bytes + SLOT_SLACK)
 
 
 @pytest.mark.parametrize("store", ["host", "disk"])

@@ -33,9 +33,10 @@ def test_widen_refuses_shrinking_and_existing_output(capsys, tmp_path, tiny_mixt
     with pytest.raises(ExpertflowError, match="below the model's 16"):
         widen_checkpoint(tiny_mixtral_dir, tmp_path / "w", intermediate_size=8)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
     capsys.readouterr()
     rc = main(["widen", "--model", str(tiny_mixtral_dir), "--intermediate-size", "32", "--out", str(tmp_path / "exists")])
-    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert rc == 2 and "is a non-empty directory; pass --overwrite" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
 
 

@@ -47,7 +47,7 @@ def measure_expert_costs(model_dir: Path, samples: int = 32) -> ExpertCosts:
     checkpoint = Checkpoint(config.model)
     available = set(checkpoint.keys())
     layers = sorted({int(k.split(".")[2]) for k in available if adapter.is_expert_tensor(k)})
-    store = DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True)
+    store = DiskStore(checkpoint, adapter, layers, config.torch_dtype, page_cache=False)
     reads = store.read_method
     keys = store.keys[:: max(1, len(store.keys) // samples)][:samples]
     try:

@@ -66,8 +66,8 @@ def plan_runs(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], 
     return [RunSpec(
         memory_budget=budgets[experts] if experts is not None and SYSTEMS[name].policy else None,
         system=name, model=str(config.model), cache_experts=experts, batch_size=batch, prompts=prompts,
-        max_new_tokens=config.max_new_tokens, store=config.store,
-        drop_page_cache=config.drop_page_cache and config.store == "disk",
+        max_new_tokens=config.max_new_tokens, store=config.store, device=config.device,
+        page_cache=config.page_cache or config.store != "disk", dtype=config.dtype,
         predictor=str(config.predictor) if config.predictor else None,
         scheduler=config.scheduler if name == "expertflow" else "fifo",
         schedule_unit=config.schedule_unit, threads=config.threads, io_threads=config.io_threads,
@@ -79,7 +79,7 @@ def measure(spec: RunSpec) -> dict:
     """Run `spec` in a fresh interpreter; its last stdout line is the result."""
     done = subprocess.run([sys.executable, "-m", "expertflow.bench.worker"], input=json.dumps(spec.to_json()),
                           capture_output=True, text=True)
-    if done.returncode == -signal.SIGKILL and spec.system == "accelerate" and spec.drop_page_cache:
+    if done.returncode == -signal.SIGKILL and spec.system == "accelerate" and not spec.page_cache:
         raise ExpertflowError(f"bench run accelerate (cache {spec.cache_experts}, batch {spec.batch_size}) was killed, "
                               "most likely by its memory cgroup's limit (see expertflow/bench/hf.py WORKING_HEADROOM); "
                               "rerun with --page-cache to leave its page cache unbounded")
@@ -220,11 +220,11 @@ def _setup(config: BenchConfig, shape: ModelShape, prompts: list[list[int]], row
         "repeats": config.repeats,  # each point's row is its median-tokens/s repeat; tokens_per_s_runs holds all
         "prefetch_threshold": config.policy_settings.get("threshold"),  # the expertflow system's (None: 0.5)
         "policy_settings": config.policy_settings,  # the expertflow system's PLECConfig knobs ({}: defaults)
-        "store": config.store, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
+        "store": config.store, "device": config.device, "dtype": config.dtype, "moe_layers": shape.moe_layers, "experts_per_layer": shape.experts,
         "top_k": shape.top_k, "total_experts": shape.total_experts,
         "cache_sizes": [_size_note(size, shape) for size in config.cache_sizes],
         "disk_reads": "; ".join(reads) if reads else
-                      ("page cache bypassed" if config.store == "disk" and config.drop_page_cache else
+                      ("page cache bypassed" if config.store == "disk" and not config.page_cache else
                        "through the OS page cache" if config.store == "disk" else "host RAM store (no disk)"),
         "accelerate": "infer_auto_device_map(max_memory={'cpu': resident + cache experts x expert bytes}), rest to "
                       "disk offload_folder; CPU-only so 'cpu' is the fast tier. Its reads go through the page cache, "

@@ -37,7 +37,7 @@ def _auto_class(model_dir: Path):
 
 
 def run_all_in_memory(spec: RunSpec) -> Measured:
-    model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32).eval()
+    model = _auto_class(spec.model).from_pretrained(spec.model, dtype=getattr(torch, spec.dtype)).to(spec.device).eval()
     expert, resident = _split_bytes(model)
     sequences, seconds, prefill = _timed_generate(model, spec)
     return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill, peak_expert_bytes=expert,
@@ -49,22 +49,25 @@ def run_accelerate(spec: RunSpec) -> Measured:
     from accelerate import infer_auto_device_map, init_empty_weights
 
     with init_empty_weights():
-        skeleton = _auto_class(spec.model).from_config(AutoConfig.from_pretrained(spec.model), dtype=torch.float32)
+        skeleton = _auto_class(spec.model).from_config(AutoConfig.from_pretrained(spec.model),
+                                                        dtype=getattr(torch, spec.dtype))
     skeleton.tie_weights()
     expert_total, resident = _split_bytes(skeleton)
     expert_each = expert_total // _experts_total(skeleton)
     budget = resident + spec.cache_experts * expert_each
     # Split as finely as accelerate can hook: attention, norms, each layer's fused experts module on its own.
     experts_classes = sorted({type(m).__name__ for n, m in skeleton.named_modules() if n.endswith(".experts")})
-    device_map = infer_auto_device_map(skeleton, max_memory={"cpu": budget, "disk": 1 << 50},
+    # On a CPU the fast tier is RAM and the slow one the disk; on CUDA, GPU memory and host RAM (as its users run it).
+    fast, slow = ("cpu", "disk") if spec.device == "cpu" else (torch.device(spec.device).index or 0, "cpu")
+    device_map = infer_auto_device_map(skeleton, max_memory={fast: budget, slow: 1 << 50},
                                        no_split_module_classes=experts_classes)
-    in_memory, largest_offloaded = _placement(skeleton, device_map)
+    in_memory, largest_offloaded = _placement(skeleton, device_map, slow)
     limit = bounded_limit(budget, sum(in_memory.values()), sum(largest_offloaded.values()))
     bound: dict = {}
     with tempfile.TemporaryDirectory(dir=spec.offload_dir) as offload:
-        model = _auto_class(spec.model).from_pretrained(spec.model, dtype=torch.float32, device_map=device_map,
-                                                     offload_folder=offload).eval()
-        if spec.drop_page_cache:  # the disk tier honestly measured, as the engine's stores do
+        model = _auto_class(spec.model).from_pretrained(spec.model, dtype=getattr(torch, spec.dtype),
+                                                        device_map=device_map, offload_folder=offload).eval()
+        if slow == "disk" and not spec.page_cache:  # the disk tier honestly measured, as the engine's stores do
             # Loading filled the page cache with every weight; dropped, the timed run reads them again.
             drop_cached([f for f in [*Path(offload).rglob("*"), *Path(spec.model).glob("*.safetensors")]
                          if f.is_file()])
@@ -75,14 +78,15 @@ def run_accelerate(spec: RunSpec) -> Measured:
                     f"page cache (not bypassed; {held.method})"
         else:
             sequences, seconds, prefill = _timed_generate(model, spec)
-            reads = "page cache (not bypassed; unbounded, as --page-cache asks)"
+            reads = ("page cache (not bypassed; unbounded, as --page-cache asks)" if slow == "disk"
+                     else "host RAM (offloaded modules copied to the GPU as they run)")
     return Measured(sequences=sequences, seconds=seconds, prefill_seconds=prefill,
                     # An offloaded module's weights are in memory while it runs: the largest one adds to the peak.
                     peak_expert_bytes=in_memory["expert"] + largest_offloaded["expert"],
                     resident_bytes=in_memory["resident"] + largest_offloaded["resident"],
                     all_expert_bytes=expert_total, hit_ratio=None,
-                    notes={"budget_bytes": budget, "modules_in_memory": sum(d == "cpu" for d in device_map.values()),
-                           "modules_on_disk": sum(d == "disk" for d in device_map.values()),
+                    notes={"budget_bytes": budget, "modules_in_memory": sum(d == fast for d in device_map.values()),
+                           "modules_on_disk": sum(d == slow for d in device_map.values()),
                            "offload_reads": reads, **bound})
 
 
@@ -123,9 +127,9 @@ def _generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set
     width = max(map(len, prompts))
     seq2seq = model.config.is_encoder_decoder
     pads = [[pad] * (width - len(p)) for p in prompts]
-    ids = torch.tensor([p + z if seq2seq else z + p for p, z in zip(prompts, pads)])
+    ids = torch.tensor([p + z if seq2seq else z + p for p, z in zip(prompts, pads)], device=model.device)
     mask = torch.tensor([[1] * len(p) + [0] * len(z) if seq2seq else [0] * len(z) + [1] * len(p)
-                         for p, z in zip(prompts, pads)])
+                         for p, z in zip(prompts, pads)], device=model.device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, eos_token_id=sorted(eos_ids), pad_token_id=pad)
     start = 1 if seq2seq else width
@@ -159,7 +163,7 @@ def _experts_total(model) -> int:
     return per_layer * len(moe_layers)
 
 
-def _placement(model, device_map: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+def _placement(model, device_map: dict[str, str | int], slow: str) -> tuple[dict[str, int], dict[str, int]]:
     """Bytes placed in memory, and the bytes of the largest offloaded module, split expert/resident.
 
     accelerate hooks every module that owns parameters, loading just that module's weights while it
@@ -170,7 +174,7 @@ def _placement(model, device_map: dict[str, str]) -> tuple[dict[str, int], dict[
         entry = max((m for m in device_map if m == "" or name == m or name.startswith(m + ".")), key=len)
         kind = "expert" if _is_expert(name) else "resident"
         size = p.numel() * p.element_size()
-        if device_map[entry] == "disk":
+        if device_map[entry] == slow:
             on_disk.setdefault(name.rsplit(".", 1)[0], {"expert": 0, "resident": 0})[kind] += size
         else:
             in_memory[kind] += size

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from expertflow.bench.report import write_atomic
+from expertflow.outputs import write_atomic
 
 MIB = 2**20
 

@@ -1,17 +1,16 @@
 """Presenting a bench: table rows, the markdown file, results.json, and the final JSON line's payload.
 
-Every file is written atomically (a temp file in the same directory, then os.replace), so a reader
-never sees half a result and a crashed run leaves the previous one intact.
+Every file is written atomically (expertflow.outputs.write_atomic: a temp file in the same directory, then
+os.replace), so a reader never sees half a result and a crashed run leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from expertflow.cli.report import human_bytes
+from expertflow.outputs import write_atomic
 
 COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "prefill s", "decode tokens/s",
            "decode vs all-in-memory", "hit ratio", "loads", "loads / Belady", "read ms", "Belady ceiling tokens/s",
@@ -174,17 +173,6 @@ def write_results(doc: dict, out: Path) -> list[Path]:
     write_atomic(paths[0], json.dumps({**doc, "expertflow_versus": versus(doc)}, indent=1) + "\n")
     write_atomic(paths[1], markdown(doc))
     return paths
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def all_in_memory_row(results: list[dict], batch: int) -> dict | None:

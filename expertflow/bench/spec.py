@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from expertflow.config import parse_size, slots_within
+from expertflow.checkpoint import stored_dtype
+import torch
+
+from expertflow.config import DTYPES, default_store, parse_size, slots_within
 from expertflow.errors import ExpertflowError
 from expertflow.policies import policy_settings
 
@@ -75,8 +78,10 @@ class BenchConfig:
     cache_sizes: list[CacheSize]
     batch_sizes: list[int]
     out: Path
-    store: str = "disk"
-    drop_page_cache: bool = True       # disk reads bypass the OS page cache (O_DIRECT, else DONTNEED)
+    store: str | None = None           # None: the device's own slow tier (disk on a CPU, host RAM on CUDA)
+    device: str = "cpu"                # where every system computes (cuda[:N]: the fast tier is GPU memory)
+    page_cache: bool = False           # disk reads through the OS page cache (default: bypassed, O_DIRECT else DONTNEED)
+    dtype: str = "auto"                # every system's weights: auto is the checkpoint's own, as transformers loads it
     predictor: Path | None = None      # the RPP the `expertflow` system plans and schedules from
     scheduler: str = "exhaustive"      # the token scheduler of the `expertflow` system
     schedule_unit: int = 2
@@ -102,6 +107,12 @@ class BenchConfig:
             raise ExpertflowError("give at least one --cache-experts size")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ExpertflowError(f"--batch-size values must be at least 1, got {self.batch_sizes}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ExpertflowError(f"unknown device {self.device!r}; choose cpu or cuda[:N]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        if self.store is None:
+            self.store = default_store(self.device)
         if self.store not in STORE_NAMES:
             raise ExpertflowError(f"unknown store {self.store!r}; choose host or disk")
         if self.scheduler not in ENGINE_SCHEDULERS:
@@ -120,6 +131,10 @@ class BenchConfig:
                                   "(train one with expertflow train-predictor)")
         self.model = Path(self.model)
         self.out = Path(self.out)
+        if self.dtype == "auto":
+            self.dtype = stored_dtype(self.model)
+        if self.dtype not in DTYPES:
+            raise ExpertflowError(f"bench runs float32, bfloat16 or float16 weights, not {self.dtype}; pass --dtype")
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,9 @@ class RunSpec:
     prompts: list[list[int]]
     max_new_tokens: int
     store: str = "disk"
-    drop_page_cache: bool = True
+    device: str = "cpu"
+    page_cache: bool = False
+    dtype: str = "float32"
     predictor: str | None = None
     scheduler: str = "fifo"
     schedule_unit: int = 2

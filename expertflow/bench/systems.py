@@ -60,7 +60,8 @@ def run_engine(spec: RunSpec) -> Measured:
     slots = None if spec.memory_budget is not None else spec.cache_experts
     model = ExpertflowModel(EngineConfig(model=spec.model, cache_experts=slots, memory_budget=spec.memory_budget,
                                          policy=policy,
-                                         store=spec.store, drop_page_cache=spec.drop_page_cache,
+                                         store=spec.store, page_cache=spec.page_cache and spec.store == "disk",
+                                         dtype=spec.dtype, device=spec.device,
                                          predictor=spec.predictor, io_threads=spec.io_threads,
                                          policy_settings=spec.policy_settings))
     decoder_only = model.engine.parts.adapter.kind == "decoder"

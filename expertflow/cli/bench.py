@@ -1,7 +1,8 @@
 """`expertflow bench`: the paper's evaluation in one command, every system side by side.
 
 Each (system, cache size, batch size) run decodes the same prompts greedily in a fresh subprocess;
-results.json, results.md and PNG plots land in --out; the table is printed, and with --json a final
+results.json, results.md and PNG plots land in --out (a new or empty directory, or any with --overwrite:
+other files there stay); the table is printed, and with --json a final
 JSON line carries the figures.
 """
 
@@ -20,10 +21,14 @@ from expertflow.bench.report import (COLUMNS, PIPELINE_COLUMNS, VERSUS_COLUMNS, 
                                      title, versus_rows, write_results)
 from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
+from expertflow.cli.options import add_page_cache_option, page_cache
 from expertflow.cli.report import print_json_line, print_table
+from expertflow.config import DTYPES, STORE_NAMES, default_store
 from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
+from expertflow.hub import resolve_model
+from expertflow.outputs import check_output_dir
 from expertflow.policies import cli_settings, setting_names
 from expertflow.widen import widen_checkpoint
 
@@ -32,8 +37,8 @@ DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="every system side by side: throughput, memory, hit ratio")
-    p.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR,
-                   help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--model", default=EMBEDDED_MODEL_DIR,
+                   help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
     p.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     p.add_argument("--prompts", type=int, default=16, help="number of prompts (default 16)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
@@ -48,10 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "the non-expert weights come first, the rest buys expert slots")
     p.add_argument("--batch-size", default="1,4,16", help="sequences decoded together: 1,4,16")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated from {', '.join(SYSTEMS)}")
-    p.add_argument("--store", choices=("disk", "host"), default="disk", help="slow tier for engine systems")
-    p.add_argument("--page-cache", action="store_true",
-                   help="let disk reads hit the OS page cache (default: bypass it, so disk means disk: the engine "
-                        "reads with O_DIRECT, accelerate runs in a memory cgroup that bounds its page cache)")
+    p.add_argument("--store", choices=STORE_NAMES, default=None,
+                   help="slow tier for engine systems (default: disk on a CPU device, host RAM on CUDA)")
+    p.add_argument("--device", default="cpu", help="compute device of every system: cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="every system's weights (default auto: the checkpoint's own, as transformers loads it)")
+    add_page_cache_option(p)  # bypassed by default: the engine reads with O_DIRECT, accelerate runs in a memory
+                              # cgroup that bounds its page cache
     p.add_argument("--predictor", type=Path, default=None, metavar="DIR",
                    help="RPP for the expertflow system (default for the embedded model and its widened copies: "
                         "its shipped RPP)")
@@ -75,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run the whole sweep N times, one after another, and report each point's median run "
                         "(this machine's speed drifts; default 1)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results and plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out: replace bench's files (results.*, *.png), keep any others")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.set_defaults(func=run)
 
@@ -86,14 +96,16 @@ def _cache_sizes(args: argparse.Namespace) -> list[CacheSize]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, args.overwrite)  # before the sweep, which writes partial results as it goes
+    args.model = resolve_model(args.model)  # once: each step below and each run's subprocess read the directory
     model = _widened(args) if args.widen is not None else args.model
     torch.set_num_threads(max(args.threads, 1))
     prompts = _prompt_ids(model, args.dataset, args.prompts, args.skip)  # bad input fails before any timing
-    costs = measure_expert_costs(model) if args.store == "disk" else None
+    costs = measure_expert_costs(model) if (args.store or default_store(args.device)) == "disk" else None
     config = BenchConfig(
         model=model, systems=_names(args.systems), cache_sizes=_cache_sizes(args),
-        batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store,
-        drop_page_cache=not args.page_cache, predictor=_predictor(args),
+        batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store, device=args.device,
+        page_cache=page_cache(args), dtype=args.dtype, predictor=_predictor(args),
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
         max_new_tokens=args.max_new_tokens, threads=args.threads, io_threads=args.io_threads, repeats=args.repeats,
         policy_settings=cli_settings(args.prefetch_threshold, args.policy_setting), dataset=args.dataset,

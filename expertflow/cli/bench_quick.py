@@ -19,6 +19,7 @@ from expertflow.config import EngineConfig
 from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.errors import ExpertflowError
+from expertflow.hub import resolve_model
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ RUNS = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench-quick", help="tokens/s and peak expert memory: all-in-memory vs lru")
-    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR)
+    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
+                        help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
     parser.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     parser.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -57,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise ExpertflowError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     prompts = load_prompts(args.dataset, limit=args.prompts)
+    model = resolve_model(args.model)  # once, not per configuration: a hub id may need the network
     results: list[dict] = []
     for spec in tqdm(RUNS, desc="bench-quick", unit="config", disable=None):
         sizes = (results[0]["all_experts"], results[0]["min_experts"]) if results else None
-        results.append(_measure(spec, args.model, prompts, args.max_new_tokens, sizes))
+        results.append(_measure(spec, model, prompts, args.max_new_tokens, sizes))
     reference = results[0]
     same = all(r["token_ids"] == reference["token_ids"] for r in results)
     rows = [(r["system"], r["cache_experts"], f"{r['tokens_per_s']:.1f}",

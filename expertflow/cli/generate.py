@@ -8,8 +8,9 @@ from pathlib import Path
 
 from expertflow.api import ExpertflowModel, check_prompt
 from expertflow.cli.options import add_engine_options, apply_threads, engine_config
-from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.cli.report import human_bytes, print_json_line, print_note, print_table
 from expertflow.datasets import load_prompts
+from expertflow.engine import check_temperature
 from expertflow.errors import ExpertflowError
 from expertflow.scheduler import SCHEDULERS
 from expertflow.stats import RunStats
@@ -38,11 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
+    check_temperature(args.temperature)  # before the model loads, like the prompt
     if args.prompts_file is not None:
         return run_many(args)
     check_prompt(args.prompt)  # before the model loads: a typo should not cost a load
     config = engine_config(args)
     model = ExpertflowModel(config)
+    print_note(model.budget_note)
     ids = model.encode(args.prompt)
     out = model.generate(input_ids=[ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          seed=args.seed)
@@ -62,6 +65,7 @@ def run_many(args: argparse.Namespace) -> int:
         raise ExpertflowError(f"{args.prompts_file} holds no prompts; write one per line or a `prompt` field per row")
     config = engine_config(args)
     model = ExpertflowModel(config)
+    print_note(model.budget_note)
     out = model.generate_many(prompts, batch_size=args.batch_size, scheduler=args.scheduler,
                               schedule_unit=args.schedule_unit, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, pipeline=not args.no_pipeline)

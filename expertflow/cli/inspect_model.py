@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.conformance import inspect_model
 from expertflow.embedded import EMBEDDED_MODEL_DIR
@@ -12,7 +10,8 @@ from expertflow.embedded import EMBEDDED_MODEL_DIR
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="report architecture, experts, checkpoint layout, minimum cache")
-    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR)
+    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
+                        help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     parser.set_defaults(func=run)
 

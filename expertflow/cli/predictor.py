@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from expertflow.errors import ExpertflowError
+from expertflow.hub import resolve_model
+from expertflow.outputs import check_output_dir
 from expertflow.predictor.baselines import (BaselineTables, LookupBaseline, PopularityBaseline, SpatialBaseline,
                                             TemporalBaseline, build_tables)
 from expertflow.predictor.distill import RouterTeacher, check_against_traces
@@ -33,15 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = subparsers.add_parser("train-predictor", help="train the Routing Path Predictor on trace files")
     t.add_argument("--traces", nargs="+", required=True, type=Path, help="trace files (same model)")
     t.add_argument("--out", required=True, type=Path, help="predictor directory to write")
-    t.add_argument("--init-embeddings", type=Path, default=None, metavar="MODEL_DIR",
-                   help="start the predictor's token embeddings from this MoE checkpoint's")
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out: replace the predictor's files, keep any others")
+    t.add_argument("--init-embeddings", default=None, metavar="MODEL",
+                   help="start the predictor's token embeddings from this MoE checkpoint's (directory or hub id)")
     t.add_argument("--init-predictor", type=Path, default=None, metavar="DIR",
                    help="go on training this predictor (its architecture; e.g. the shipped one, on more traces)")
     t.add_argument("--freeze-embeddings", action="store_true", default=None,
                    help="with --init-embeddings: keep them fixed (helps on tokens the traces never show)")
-    t.add_argument("--distill-model", type=Path, default=None, metavar="MODEL_DIR",
-                   help="the traced MoE model: add a KL term to its router softmax (soft targets; the whole "
-                        "model is loaded in memory once to compute them)")
+    t.add_argument("--distill-model", default=None, metavar="MODEL",
+                   help="the traced MoE model (directory or hub id): add a KL term to its router softmax (soft "
+                        "targets; the whole model is loaded in memory once to compute them)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("listwise-weight", float),
                        ("d-model", int), ("d-ff", int),
@@ -87,7 +91,7 @@ def _vocab_size(traces: list[TraceSet], embeddings: torch.Tensor | None) -> int:
     return max(declared, seen, 0 if embeddings is None else embeddings.shape[0])
 
 
-def _embeddings(model_dir: Path | None) -> torch.Tensor | None:
+def _embeddings(model_dir: str | None) -> torch.Tensor | None:
     if model_dir is None:
         return None
     import expertflow
@@ -119,10 +123,10 @@ def _start(args: argparse.Namespace, traces: list[TraceSet]) -> RoutingPathModel
     return start
 
 
-def _teacher(model_dir: Path | None, traces: list[TraceSet], config: PredictorConfig) -> RouterTeacher | None:
+def _teacher(model_dir: str | None, traces: list[TraceSet], config: PredictorConfig) -> RouterTeacher | None:
     if model_dir is None:
         return None
-    teacher = RouterTeacher.load(model_dir)
+    teacher = RouterTeacher.load(resolve_model(model_dir))
     check_against_traces(teacher, config.num_layers, config.num_experts)
     if teacher.vocab_size < _vocab_size(traces, None):
         raise ExpertflowError(f"--distill-model {model_dir} has {teacher.vocab_size} tokens but the traces use ids up "
@@ -131,6 +135,7 @@ def _teacher(model_dir: Path | None, traces: list[TraceSet], config: PredictorCo
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, args.overwrite)  # before hours of training, not after
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     traces = _read_all(args.traces)
@@ -178,6 +183,8 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     predictor = RoutingPredictor.load(args.predictor)
     traces = read_traces(args.traces)
+    if not traces.sequences:
+        raise ExpertflowError(f"{args.traces} holds no sequences; trace a prompt set with `expertflow trace`")
     if args.baseline_traces:  # e.g. the shipped predictor, which carries no tables
         tables = build_tables([read_traces(p) for p in args.baseline_traces], predictor.config.vocab_size)
     else:

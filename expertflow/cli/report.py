@@ -31,3 +31,9 @@ def print_json_line(payload: dict) -> None:
     """The last stdout line of a --json run: one JSON object."""
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
+
+
+def print_note(note: str | None) -> None:
+    """A one-line note on stderr (stdout stays the run's output and its JSON line)."""
+    if note:
+        print(f"expertflow: note: {note}", file=sys.stderr)

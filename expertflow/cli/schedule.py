@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from expertflow.errors import ExpertflowError
+from expertflow.outputs import check_output_file, write_atomic
 from expertflow.scheduler.evaluate import Paths, Row, ScheduleEvalConfig, evaluate, generated_paths
 from expertflow.traces import TraceSet, read_traces
 
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="bar chart of the reductions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=run_schedule_eval)
 
 
@@ -89,6 +92,8 @@ def top_k_paths(probabilities: Paths, top_k: int) -> Paths:
 
 
 def run_schedule_eval(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        check_output_file(args.plot, args.overwrite, "--plot")  # before the replay, not after
     config = _config(args)
     traces = read_traces(args.traces)
     if not traces.sequences:
@@ -154,7 +159,8 @@ def _plot(rows: list[Row], path: Path) -> None:
     ax.set_ylabel("fewer distinct experts per batch than fifo (%)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:] or "png", dpi=120)  # rendered first, so the file appears whole
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())

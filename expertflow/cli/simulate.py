@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
 
 from expertflow.cli.report import human_bytes, print_json_line, print_table
 from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
+from expertflow.hub import resolve_model
+from expertflow.outputs import check_output_file, write_atomic
 from expertflow.policies import POLICIES, cli_settings, policy_settings, setting_names
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
@@ -33,35 +36,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: "
                         f"{setting_names('expertflow')})")
-    p.add_argument("--model", type=Path, default=None, help="the traced model (expert size, measuring; "
-                   "default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--model", default=None, help="the traced model, a checkpoint directory or hub id (expert "
+                   "size, measuring; default: the embedded tiny-mixtral-32e)")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor and measuring")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="hit ratio vs cache size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        check_output_file(args.plot, args.overwrite, "--plot")  # before the replay, not after
     policies = _policies(args.policies)
     traces = read_traces(args.traces)
     _traces_ok(traces)
+    model = resolve_model(args.model) if args.model is not None else None
     h = traces.header
     caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
     batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
     settings = _settings(cli_settings(args.prefetch_threshold, args.policy_setting), policies)
     if "expertflow" in policies and args.predictor is None:
-        args.predictor = _embedded_predictor(traces, args.model)
+        args.predictor = _embedded_predictor(traces, model)
     import torch  # the simulator is pure Python; only the predictor and the measurement need torch
 
     torch.set_num_threads(args.threads)
     from expertflow.cli.calibrate import expert_bytes, measure_transfer_ratio, predictions_for
 
     predictions = predictions_for(traces, args.predictor) if args.predictor else None
-    ratio = args.transfer_ratio if args.transfer_ratio is not None else measure_transfer_ratio(args.model)
+    ratio = args.transfer_ratio if args.transfer_ratio is not None else measure_transfer_ratio(model)
     start = time.perf_counter()
     results = sweep(traces, policies, caches, batches, ratio, predictions, args.include_prefill, settings)
-    size = expert_bytes(args.model)
+    size = expert_bytes(model)
     title = (f"{args.traces.name}: {len(traces.sequences)} sequences, transfer ratio {ratio:.2f} loads/layer, "
              f"predictor {args.predictor or '-'}, {time.perf_counter() - start:.1f} s")
     print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "demand", "prefetch used", "wasted",
@@ -168,9 +175,10 @@ def _plot(results: list[SimResult], path: Path, title: str) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:] or "png", dpi=120)  # rendered first, so the file appears whole
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def _traces_ok(traces: TraceSet) -> None:

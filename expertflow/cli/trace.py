@@ -11,13 +11,14 @@ from tqdm import tqdm
 
 from expertflow.datasets import NAMED_DATASETS, load_prompts
 from expertflow.errors import ExpertflowError
+from expertflow.outputs import check_output_file
 from expertflow.traces import TraceSet, read_traces, summarize
 from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("trace", help="record the experts every token is routed to, over a prompt set")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny-mixtral-32e)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
     p.add_argument("--dataset", required=True, help=f"{', '.join(NAMED_DATASETS)}, or a .jsonl/.txt/.json path")
     p.add_argument("--samples", type=int, default=None, help="number of prompts (default: all)")
     p.add_argument("--skip", type=int, default=0, help="skip this many prompts first (for held-out sets)")
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="prompts generated together")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts keep head and tail")
     p.add_argument("--out", required=True, type=Path, help="trace file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--ray", action="store_true", help="split the batches across Ray workers (extra: expertflow-moe[ray])")
     p.add_argument("--address", default=None, help="with --ray: cluster to join (default: start a local one)")
     p.add_argument("--workers", type=int, default=None, help="with --ray: worker actors, one model each")
@@ -50,6 +52,7 @@ def _config(args: argparse.Namespace) -> TracingConfig:
 def run_trace(args: argparse.Namespace) -> int:
     import expertflow
 
+    check_output_file(args.out, args.overwrite)  # before the model loads and the trace runs
     config = _config(args)
     if (args.samples is not None and args.samples < 1) or args.skip < 0:
         raise ExpertflowError("--samples must be >= 1 and --skip >= 0")

@@ -11,13 +11,16 @@ from expertflow.widen import widen_checkpoint
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("widen", help="copy a checkpoint with zero-padded, larger experts")
-    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR)
+    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
+                        help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
     parser.add_argument("--intermediate-size", type=int, required=True, metavar="N")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="directory to write (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing --out: replace the copy's files, keep any others")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = widen_checkpoint(args.model, args.out, args.intermediate_size)
+    out = widen_checkpoint(args.model, args.out, args.intermediate_size, overwrite=args.overwrite)
     print(f"wrote {out} (experts widened to intermediate size {args.intermediate_size})")
     return 0

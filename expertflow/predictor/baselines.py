@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from expertflow.errors import ExpertflowError
@@ -50,9 +51,14 @@ class BaselineTables:
         if not path.is_file():
             raise ExpertflowError(f"{directory}: no {BASELINES_NAME} (popularity/lookup tables); pass "
                                   "--baseline-traces with its training traces, or retrain with `expertflow train-predictor`")
-        t = load_file(str(path))
-        return cls(t["popularity"], t["pair_keys"], t["pair_experts"], t["token_experts"],
-                   vocab_size=len(t["token_experts"]))
+        try:
+            t = load_file(str(path))
+            return cls(t["popularity"], t["pair_keys"], t["pair_experts"], t["token_experts"],
+                       vocab_size=len(t["token_experts"]))
+        except (SafetensorError, OSError, KeyError) as exc:
+            raise ExpertflowError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); pass "
+                                  "--baseline-traces with its training traces, or retrain with "
+                                  "`expertflow train-predictor`") from None
 
 
 def build_tables(traces: Sequence[TraceSet], vocab_size: int) -> BaselineTables:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +26,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from expertflow.errors import ExpertflowError
+from expertflow.outputs import write_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -292,32 +291,15 @@ class RoutingPathModel(nn.Module):
 def save_model(model: RoutingPathModel, directory: str | Path,
                write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write config.json + model.safetensors (+ whatever `write_extra(tmp_dir)` adds) to a temp dir, then
-    swap it into place, so readers never see a half-written predictor."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    try:
+    put it in place (expertflow.outputs.write_dir): readers never see a half-written file, and other files
+    already in `directory` stay."""
+    def fill(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
         if write_extra is not None:
             write_extra(tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    # os.replace cannot replace a non-empty directory: move the old one aside first, then drop it.
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return write_dir(directory, fill)
 
 
 def _current_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -332,10 +314,31 @@ def load_model(directory: str | Path) -> RoutingPathModel:
     if not config_path.is_file() or not weights_path.is_file():
         raise ExpertflowError(f"{directory}: not a predictor directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                               "create one with `expertflow train-predictor`")
+    retrain = "retrain it with `expertflow train-predictor` (or copy the directory again)"
     try:
-        config = PredictorConfig(**json.loads(config_path.read_text()))
-        model = RoutingPathModel(config)
-        model.load_state_dict(_current_names(load_file(str(weights_path))))
-    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError, OSError) as exc:
-        raise ExpertflowError(f"{directory}: unreadable predictor ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+        fields = json.loads(config_path.read_bytes())
+        if not isinstance(fields, dict):
+            raise TypeError(f"a JSON {type(fields).__name__}, not an object")
+        model = RoutingPathModel(PredictorConfig(**fields))
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise ExpertflowError(f"{config_path} is not a predictor config ({_first_line(exc)}); {retrain}") from None
+    try:
+        state = _current_names(load_file(str(weights_path)))
+    except (SafetensorError, OSError) as exc:
+        raise ExpertflowError(f"{weights_path} is truncated or corrupt ({_first_line(exc)}); {retrain}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # its first line only names the model; the second names the first mismatch
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ExpertflowError(f"{weights_path} does not fit {config_path} ({lines[min(1, len(lines) - 1)]}); "
+                              f"{retrain}") from None
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+               None)
+    if bad is not None:  # a predictor that diverged in training forecasts nothing: refuse it, not run it
+        raise ExpertflowError(f"{directory}: predictor weight {bad} holds NaN/Inf; {retrain}")
     return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -5,7 +5,7 @@ sequences and events to responses), `app.create_app` (the routes). `build_servic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from expertflow.api import ExpertflowModel
 from expertflow.batching import BatchRunner
@@ -22,12 +22,17 @@ SERVE_SCHEDULERS = ("fifo", "similarity", "swap", "exhaustive")
 @dataclass(frozen=True)
 class ServeConfig:
     """How the server batches: scheduling units of two batches of `max_batch_size` sequences, two units in
-    flight, so up to 4 x max_batch_size requests decode at once; the rest wait and join as slots free."""
+    flight, so up to 4 x max_batch_size requests decode at once; the rest wait and join as slots free.
+
+    With `api_key`, every path but /health needs `Authorization: Bearer <api_key>`; a request body over
+    `max_request_bytes` is refused with a 413."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     scheduler: str = "fifo"
     max_batch_size: int = 8
+    api_key: str | None = field(default=None, repr=False)   # kept out of reprs and so out of logs
+    max_request_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
         if self.scheduler not in SERVE_SCHEDULERS:
@@ -36,6 +41,20 @@ class ServeConfig:
             raise ValueError(f"max batch size must be at least 1, got {self.max_batch_size}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None:
+            _check_api_key(self.api_key)
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max request bytes must be at least 1024 (1 KiB), got {self.max_request_bytes}; "
+                             "write a size like 4MiB")
+
+
+def _check_api_key(key: str) -> None:
+    """The message never quotes the key."""
+    if not key:
+        raise ValueError("the API key is empty: pass a non-empty --api-key KEY, or leave it out to serve without a key")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValueError(f"the API key ({len(key)} characters) must be printable ASCII without spaces, as "
+                         "clients send it in an `Authorization: Bearer KEY` header")
 
 
 def build_service(model: ExpertflowModel, config: ServeConfig, runner: BatchRunner | None = None) -> Service:

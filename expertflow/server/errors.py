@@ -36,6 +36,17 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def unauthorized() -> APIError:
+    """No key, or not the server's; OpenAI answers a bad key the same way (401, `invalid_api_key`)."""
+    return APIError(401, "missing or incorrect API key: send the header `Authorization: Bearer KEY` with the key "
+                         "the server was started with (--api-key or EXPERTFLOW_API_KEY)", code="invalid_api_key")
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes: send a smaller "
+                         "request, or start the server with a larger --max-request-bytes", code="request_too_large")
+
+
 def server_error(exc: BaseException) -> APIError:
     """A failure inside the engine: the request could not be completed through no fault of its own."""
     return APIError(500, f"the engine failed while running this request: {type(exc).__name__}: {exc}",

@@ -23,6 +23,11 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
 def encode_text(tokenizer, text: str, param: str) -> list[int]:
     if not text:
         raise invalid(f"{param} is empty: give at least one character of text", param=param, code="empty_prompt")
+    try:  # JSON may escape a lone surrogate ("\ud800"): valid JSON, but no text a tokenizer takes
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"{param} must be UTF-8 text, but character {exc.start} is a lone surrogate "
+                      "(\\ud800-\\udfff); send the text as UTF-8", param=param, code="invalid_text") from None
     return list(tokenizer(text)["input_ids"])
 
 

@@ -8,6 +8,9 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from anyio import CapacityLimiter, to_thread
 
 from expertflow.api import ExpertflowModel
 from expertflow.batching import Sequence
@@ -35,6 +38,9 @@ class Service:
         self.metrics = metrics
         self.model_id = model.name
         self.max_positions = model.engine.max_positions
+        # Prompts are tokenized in a worker thread, as a prompt of megabytes takes seconds and would stall the
+        # event loop; one at a time, as Hugging Face's fast tokenizers are not safe to share across threads.
+        self._tokenizing = CapacityLimiter(1)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -44,10 +50,11 @@ class Service:
     # ---- completions ---------------------------------------------------------------------------
     async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
         self.check_model(req.model)
-        prompts = encode_prompts(self.model.tokenizer, req.prompt, self.model.model.config.vocab_size)
         if req.stream and (req.echo or req.logprobs is not None):
             raise APIError(400, "echo and logprobs are answered whole: send them without stream",
                            param="stream", code="unsupported")
+        prompts = await self._tokenize(encode_prompts, self.model.tokenizer, req.prompt,
+                                       self.model.model.config.vocab_size)
         stream, texts = self._start(prompts, req, token_limit(prompts, req.max_tokens, self.max_positions))
         rid = schemas.new_id("cmpl")
         if req.stream:
@@ -76,7 +83,7 @@ class Service:
     # ---- chat ----------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> dict | AsyncIterator[str]:
         self.check_model(req.model)
-        prompt = [encode_text(self.model.tokenizer, render_chat(self.model.tokenizer, req.messages), "messages")]
+        prompt = [await self._tokenize(self._chat_ids, req.messages)]
         limit = token_limit(prompt, req.token_limit(), self.max_positions)
         stream, texts = self._start(prompt, req, limit)
         rid = schemas.new_id("chatcmpl")
@@ -89,7 +96,13 @@ class Service:
         (choice,) = await self._collect(stream, texts, prompt)
         return schemas.chat_body(rid, self.model_id, choice)
 
+    def _chat_ids(self, messages: list[schemas.ChatMessage]) -> list[int]:
+        return encode_text(self.model.tokenizer, render_chat(self.model.tokenizer, messages), "messages")
+
     # ---- shared --------------------------------------------------------------------------------
+    async def _tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await to_thread.run_sync(fn, *args, limiter=self._tokenizing)
+
     def _start(self, prompts: list[list[int]], req: schemas.GenerationRequest,
                limit: int) -> tuple[RequestStream, list[Detokenizer]]:
         """Hand one sequence per prompt to the engine thread; they join the batches at its next step."""
