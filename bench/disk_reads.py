@@ -34,7 +34,7 @@ from expertflow.adapters import adapter_for  # noqa: E402
 from expertflow.checkpoint import Checkpoint  # noqa: E402
 from expertflow.config import EngineConfig  # noqa: E402
 from expertflow.loading import read_config  # noqa: E402
-from expertflow.store import DiskStore, Key  # noqa: E402
+from expertflow.cache.stores import DiskStore, Key  # noqa: E402
 
 DEFAULT_MODEL = Path("results/widened/tiny-mixtral-32e-i4096")
 METHODS = ("placed", "direct", "buffered")

@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared
 
 from expertflow.cli.report import print_json_line, print_table  # noqa: E402
-from expertflow.policies.forecast import one_hot_routing  # noqa: E402
+from expertflow.cache.policies.forecast import one_hot_routing  # noqa: E402
 from expertflow.simulator import SimConfig, batch_forwards, simulate  # noqa: E402
 from expertflow.traces import TraceSet, read_traces  # noqa: E402
 

@@ -29,9 +29,9 @@ from rich.table import Table  # noqa: E402
 
 from expertflow.distributed.placement import (Placement, ReplicaSet, RoundRobin, RoutingAware, RoutingPath,  # noqa: E402
                                               prompt_path, routing_path)
-from expertflow.policies import policy_class  # noqa: E402
-from expertflow.policies.planner import CachePlanner  # noqa: E402
-from expertflow.residency import CacheCounters, Residency  # noqa: E402
+from expertflow.cache.policies import policy_class  # noqa: E402
+from expertflow.cache.planner import CachePlanner  # noqa: E402
+from expertflow.cache.residency import CacheCounters, Residency  # noqa: E402
 from expertflow.simulator import Forward, replay_forward  # noqa: E402
 from expertflow.traces import NO_EXPERT, TraceHeader, TraceSequence, read_traces  # noqa: E402
 

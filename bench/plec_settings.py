@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared
 from expertflow.cli.calibrate import predictions_for  # noqa: E402
 from expertflow.cli.report import print_json_line, print_table  # noqa: E402
 from expertflow.embedded import EMBEDDED_PREDICTOR_DIR  # noqa: E402
-from expertflow.policies.plec import PLECConfig  # noqa: E402
+from expertflow.cache.policies.plec import PLECConfig  # noqa: E402
 from expertflow.simulator import sweep  # noqa: E402
 from expertflow.traces import read_traces  # noqa: E402
 

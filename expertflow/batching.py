@@ -30,7 +30,7 @@ from expertflow.decode_session import DecodeSession
 from expertflow.engine import Engine, Sampler, check_logits, check_request
 from expertflow.errors import ExpertflowError
 from expertflow.kv import KVBatch, merge, select
-from expertflow.policies.forecast import batch_forecast
+from expertflow.cache.policies.forecast import batch_forecast
 from expertflow.scheduler import Grouping, Scheduler, routing_paths
 from expertflow.stats import RunStats
 

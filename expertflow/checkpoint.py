@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from expertflow.adapters import TensorRef
-from expertflow.direct_io import read_exact
+from expertflow.cache.direct_io import read_exact
 from expertflow.errors import ExpertflowError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

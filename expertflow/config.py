@@ -13,7 +13,7 @@ from expertflow.checkpoint import stored_dtype
 from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
-from expertflow.policies import policy_class, policy_settings
+from expertflow.cache.policies import policy_class, policy_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_NAMES = ("host", "disk")

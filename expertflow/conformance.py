@@ -15,7 +15,7 @@ from expertflow.adapters import adapter_for
 from expertflow.checkpoint import INDEX_FILE, Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.loading import read_config
-from expertflow.policies import POLICIES
+from expertflow.cache.policies import POLICIES
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from expertflow.adapters import MoEAdapter, adapter_for
-from expertflow.cache import ExpertCache
+from expertflow.cache.expert_cache import ExpertCache
 from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
-from expertflow.experts import OffloadedExperts, RoutingObserver
+from expertflow.cache.offloaded_experts import OffloadedExperts, RoutingObserver
 from expertflow.hub import model_name
-from expertflow.policies import CachePolicy, build_policy, policy_class, policy_settings
-from expertflow.residency import Residency
-from expertflow.store import STORES, ExpertStore
+from expertflow.cache.policies import CachePolicy, build_policy, policy_class, policy_settings
+from expertflow.cache.residency import Residency
+from expertflow.cache.stores import STORES, ExpertStore
 
 
 @dataclass

@@ -35,10 +35,10 @@ import torch
 from expertflow.adapters.kv_argument import KVArgument
 from expertflow.engine import GenerationOutput, Predictor, Sampler, StepForecaster, check_request, sample_step
 from expertflow.errors import ExpertflowError
-from expertflow.experts import first_nonfinite_layer
+from expertflow.cache.offloaded_experts import first_nonfinite_layer
 from expertflow.loading import OffloadedModel
-from expertflow.policies import Forecast
-from expertflow.policies.forecast import batch_forecast, restrict
+from expertflow.cache.policies import Forecast
+from expertflow.cache.policies.forecast import batch_forecast, restrict
 from expertflow.routing import RoutingRecorder
 from expertflow.stats import RunStats
 from expertflow.traces import NO_EXPERT

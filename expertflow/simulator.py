@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from expertflow.policies import Forecast, Key, build_policy
-from expertflow.policies.forecast import LookaheadForecast, batch_forecast, restrict
-from expertflow.policies.planner import USE_AHEAD, CachePlanner
-from expertflow.residency import CacheCounters, Residency
+from expertflow.cache.policies import Forecast, Key, build_policy
+from expertflow.cache.policies.forecast import LookaheadForecast, batch_forecast, restrict
+from expertflow.cache.planner import USE_AHEAD, CachePlanner
+from expertflow.cache.residency import CacheCounters, Residency
 from expertflow.traces import NO_EXPERT, TraceSet
 
 

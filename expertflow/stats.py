@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from expertflow.cache import CacheFigures
+from expertflow.cache.expert_cache import CacheFigures
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 import expertflow
 from expertflow.cli import main
-from expertflow.policies import POLICIES
+from expertflow.cache.policies import POLICIES
 
 PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48],
            [88, 7], [21, 22, 23, 24, 25, 26], [61, 62, 63, 64]]

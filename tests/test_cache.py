@@ -6,9 +6,9 @@ import pytest
 
 import expertflow
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES
-from expertflow.policies.lru import LRUPolicy, split_evenly
-from expertflow.residency import Residency
+from expertflow.cache.policies import POLICIES
+from expertflow.cache.policies.lru import LRUPolicy, split_evenly
+from expertflow.cache.residency import Residency
 
 
 def _lru(capacity: int, layers=(0, 1), experts: int = 8, top_k: int = 1) -> Residency:

@@ -14,10 +14,10 @@ from expertflow.adapters import adapter_for
 from expertflow.api import ExpertflowModel
 from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
-from expertflow.direct_io import ALIGN, SLOT_SLACK, open_direct
+from expertflow.cache.direct_io import ALIGN, SLOT_SLACK, open_direct
 from expertflow.errors import ExpertflowError
 from expertflow.loading import read_config
-from expertflow.store import DiskStore, HostStore
+from expertflow.cache.stores import DiskStore, HostStore
 from expertflow.widen import widen_checkpoint
 from tests.reference import reference_generate
 from tests.tiny_models import TINY_CONFIGS

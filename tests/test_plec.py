@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from expertflow.policies.forecast import LookaheadForecast
-from expertflow.policies.planner import CachePlanner
-from expertflow.policies.plec import PLECConfig, PLECPolicy
-from expertflow.residency import Residency
+from expertflow.cache.policies.forecast import LookaheadForecast
+from expertflow.cache.planner import CachePlanner
+from expertflow.cache.policies.plec import PLECConfig, PLECPolicy
+from expertflow.cache.residency import Residency
 from expertflow.simulator import Forward, replay_forward
 
 

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertflow.policies.belady import BeladyPolicy
-from expertflow.policies.lfu import LFUPolicy
-from expertflow.policies.lru import LRUPolicy
-from expertflow.policies.planner import CachePlanner
-from expertflow.policies.plec import PLECPolicy
-from expertflow.policies.ring import RingPolicy
-from expertflow.residency import Residency
+from expertflow.cache.policies.belady import BeladyPolicy
+from expertflow.cache.policies.lfu import LFUPolicy
+from expertflow.cache.policies.lru import LRUPolicy
+from expertflow.cache.planner import CachePlanner
+from expertflow.cache.policies.plec import PLECPolicy
+from expertflow.cache.policies.ring import RingPolicy
+from expertflow.cache.residency import Residency
 from expertflow.simulator import Forward, SimConfig, simulate
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet
 
@@ -60,7 +60,7 @@ def test_prefetches_are_judged_by_their_forward_and_reloads_are_counted():
 
 
 def test_a_reload_is_a_load_within_the_last_few_forwards_of_the_eviction():
-    from expertflow.residency import RELOAD_FORWARDS
+    from expertflow.cache.residency import RELOAD_FORWARDS
 
     cache = Residency(1, LRUPolicy(1, [0], 8, 1))
     cache.begin_forward()
@@ -191,7 +191,7 @@ def recorded_traces() -> TraceSet:
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("cache", [26, 64])
 def test_belady_loads_least_on_recorded_traces(recorded_traces, batch, cache):
-    from expertflow.policies.forecast import one_hot_routing
+    from expertflow.cache.policies.forecast import one_hot_routing
     from expertflow.simulator import batch_forwards
 
     h = recorded_traces.header
@@ -222,7 +222,7 @@ def test_a_live_runs_use_log_replays_to_its_own_loads_and_belady_loads_no_more(p
     """The log `record_uses` keeps is the engine's demand sequence: replayed through the same policy from
     the same (cold) cache it gives the live loads, and Belady's MIN over it never loads more."""
     import expertflow
-    from expertflow.policies import build_policy
+    from expertflow.cache.policies import build_policy
     from expertflow.simulator import belady_loads
 
     m = expertflow.from_pretrained(cache_experts=26, policy=policy)

@@ -8,7 +8,7 @@ import torch
 
 import expertflow
 from expertflow.errors import ExpertflowError
-from expertflow.policies.forecast import one_hot_routing
+from expertflow.cache.policies.forecast import one_hot_routing
 from tests.devices import DEVICES
 from tests.reference import reference_generate
 

@@ -13,8 +13,8 @@ from expertflow.bench.spec import BenchConfig, CacheSize
 from expertflow.cli import main
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
-from expertflow.policies import build_policy, cli_settings, policy_settings
-from expertflow.policies.plec import PLECConfig
+from expertflow.cache.policies import build_policy, cli_settings, policy_settings
+from expertflow.cache.policies.plec import PLECConfig
 from tests.reference import reference_generate
 from tests.test_simulator import _synthetic_traces
 

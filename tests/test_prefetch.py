@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from expertflow.api import ExpertflowModel
-from expertflow.cache import ExpertCache
+from expertflow.cache.expert_cache import ExpertCache
 from expertflow.cli import build_parser, main
 from expertflow.cli.options import engine_config
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
-from expertflow.policies.plec import PLECPolicy
-from expertflow.prefetch import DEMAND, PREFETCH, TransferWorker
-from expertflow.residency import Residency
-from expertflow.store import ExpertStore
+from expertflow.cache.policies.plec import PLECPolicy
+from expertflow.cache.transfers import DEMAND, PREFETCH, TransferWorker
+from expertflow.cache.residency import Residency
+from expertflow.cache.stores import ExpertStore
 from tests.reference import reference_generate
 from tests.test_policy_exactness import HashPredictor
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from expertflow.read_meter import ReadFigures, ReadMeter
+from expertflow.cache.timing import ReadFigures, ReadMeter
 
 
 class _Clock:

@@ -11,7 +11,7 @@ import expertflow
 from expertflow.cli import main
 from expertflow.errors import ExpertflowError
 from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR
-from expertflow.policies.forecast import one_hot_routing
+from expertflow.cache.policies.forecast import one_hot_routing
 from expertflow.simulator import SimConfig, batch_forwards, simulate
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet, read_traces
 from tests.test_policy_exactness import HashPredictor

@@ -13,13 +13,13 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import expertflow
-from expertflow.direct_io import SLOT_SLACK
+from expertflow.cache.direct_io import SLOT_SLACK
 from expertflow.adapters import SwitchAdapter, adapter_for
 from expertflow.cli import main
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES
-from expertflow.policies.forecast import one_hot_routing
+from expertflow.cache.policies import POLICIES
+from expertflow.cache.policies.forecast import one_hot_routing
 from expertflow.simulator import batch_forwards
 from expertflow.traces import NO_EXPERT, read_traces, summarize
 

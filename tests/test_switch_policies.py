@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 
 import expertflow
-from expertflow.direct_io import SLOT_SLACK
+from expertflow.cache.direct_io import SLOT_SLACK
 from expertflow.cli import main
 from expertflow.config import EngineConfig
 from expertflow.loading import load
-from expertflow.policies import policy_class
-from expertflow.policies.planner import CachePlanner
+from expertflow.cache.policies import policy_class
+from expertflow.cache.planner import CachePlanner
 from expertflow.predictor.metrics import routing_mask
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel, save_model
 from expertflow.predictor.runtime import RoutingPredictor
 from expertflow.predictor.train import TrainConfig, _collate, _loss, train_predictor
-from expertflow.residency import Residency
+from expertflow.cache.residency import Residency
 from expertflow.routing import RoutingRecorder
 from expertflow.seq2seq import Seq2SeqEngine
 from expertflow.simulator import Forward, SimConfig, batch_forwards, forward_layers, simulate

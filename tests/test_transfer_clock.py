@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from expertflow.cache import ExpertCache
-from expertflow.policies.planner import CachePlanner
-from expertflow.policies.plec import PLECConfig, PLECPolicy
-from expertflow.residency import Residency
-from expertflow.store import ExpertStore
-from expertflow.transfer_clock import TransferClock
+from expertflow.cache.expert_cache import ExpertCache
+from expertflow.cache.planner import CachePlanner
+from expertflow.cache.policies.plec import PLECConfig, PLECPolicy
+from expertflow.cache.residency import Residency
+from expertflow.cache.stores import ExpertStore
+from expertflow.cache.timing import TransferClock
 
 LAYERS = list(range(8))
 

@@ -8,13 +8,13 @@ import threading
 import pytest
 import torch
 
-from expertflow.cache import ExpertCache
-from expertflow.policies import POLICIES
-from expertflow.policies.lru import LRUPolicy
-from expertflow.policies.planner import CachePlanner
-from expertflow.policies.plec import PLECPolicy
-from expertflow.residency import Residency
-from expertflow.store import ExpertStore
+from expertflow.cache.expert_cache import ExpertCache
+from expertflow.cache.policies import POLICIES
+from expertflow.cache.policies.lru import LRUPolicy
+from expertflow.cache.planner import CachePlanner
+from expertflow.cache.policies.plec import PLECPolicy
+from expertflow.cache.residency import Residency
+from expertflow.cache.stores import ExpertStore
 
 LAYER = [(0, 5), (0, 6), (0, 7)]
 

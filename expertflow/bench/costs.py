@@ -21,7 +21,7 @@ from expertflow.adapters import adapter_for
 from expertflow.checkpoint import Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.loading import read_config
-from expertflow.store import DiskStore
+from expertflow.cache.stores import DiskStore
 
 
 @dataclass(frozen=True)

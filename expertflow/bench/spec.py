@@ -14,7 +14,7 @@ import torch
 
 from expertflow.config import DTYPES, default_store, parse_size, slots_within
 from expertflow.errors import ExpertflowError
-from expertflow.policies import policy_settings
+from expertflow.cache.policies import policy_settings
 
 ENGINE_SCHEDULERS = ("similarity", "swap", "exhaustive")
 STORE_NAMES = ("host", "disk")

@@ -29,7 +29,7 @@ from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.outputs import check_output_dir
-from expertflow.policies import cli_settings, setting_names
+from expertflow.cache.policies import cli_settings, setting_names
 from expertflow.widen import widen_checkpoint
 
 DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"

@@ -12,7 +12,7 @@ from expertflow.adapters import adapter_for
 from expertflow.config import EngineConfig
 from expertflow.errors import ExpertflowError
 from expertflow.loading import read_config
-from expertflow.policies.forecast import one_hot_routing
+from expertflow.cache.policies.forecast import one_hot_routing
 from expertflow.traces import TraceSet
 
 _PROMPT = "Give three tips for staying healthy."

@@ -10,7 +10,7 @@ import torch
 
 from expertflow.config import DTYPES, STORE_NAMES, EngineConfig, parse_size
 from expertflow.errors import ExpertflowError
-from expertflow.policies import POLICIES, cli_settings, setting_names
+from expertflow.cache.policies import POLICIES, cli_settings, setting_names
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR, shi
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.outputs import check_output_file, write_atomic
-from expertflow.policies import POLICIES, cli_settings, policy_settings, setting_names
+from expertflow.cache.policies import POLICIES, cli_settings, policy_settings, setting_names
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from expertflow.cache import CacheFigures
+from expertflow.cache.expert_cache import CacheFigures
 
 
 @dataclass

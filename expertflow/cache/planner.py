@@ -30,8 +30,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from expertflow.policies.base import Forecast, Key
-from expertflow.residency import Placement, Residency
+from expertflow.cache.policies.base import Forecast, Key
+from expertflow.cache.residency import Placement, Residency
 
 Issued = tuple[Key, Placement]
 USE_AHEAD = 1  # keys of a layer used ahead of the running one where a transfer worker can read them

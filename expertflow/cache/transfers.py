@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 from expertflow.errors import ExpertflowError
-from expertflow.policies import Key
+from expertflow.cache.policies import Key
 
 DEMAND, PREFETCH = 0, 1
 _POLL_SECONDS = 0.2

@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from expertflow.policies.base import Forecast, Key
+from expertflow.cache.policies.base import Forecast, Key
 
 FLOOR = 0.01  # keys less likely than this are left out of a forecast (policies read absent as ~0)
 

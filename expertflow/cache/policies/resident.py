@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from expertflow.policies.base import CachePolicy, Key
+from expertflow.cache.policies.base import CachePolicy, Key
 
 
 class AllResidentPolicy(CachePolicy):

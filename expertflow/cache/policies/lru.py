@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
-from expertflow.policies.base import CachePolicy, Key
+from expertflow.cache.policies.base import CachePolicy, Key
 
 
 def split_evenly(capacity: int, layers: Sequence[int]) -> dict[int, int]:

@@ -1,18 +1,19 @@
-"""How many layers of compute one expert transfer takes, measured while the engine runs.
+"""The slow tier's two clocks, measured while the engine runs.
 
-A policy that prefetches has to know how far ahead to issue a transfer that evicts (PLEC's lead). That
-depends on the hardware by orders of magnitude: a host-RAM copy of a small expert takes a fraction of a
-layer, a page-cache-bypassing disk read of a 6 MiB expert about two layers of batch-1 decode here, a PCIe
-copy of a large model's expert tens of layers on a GPU. The clock keeps exponential averages of a
-transfer's duration and of a layer's compute (the time between consecutive layers' ends, minus what the
-layer spent waiting for transfers), and their ratio is handed to the policy before each forward.
+`TransferClock`: one expert transfer's time in layers of compute (exponential averages of both), handed to
+the policy before each forward, since how far ahead a prefetch that evicts must be issued depends on the
+hardware by orders of magnitude. `ReadMeter`: how much of a run the slow tier spent reading, from the reads
+themselves: `read_seconds` (each read's own time, summed) and `busy_seconds` (the union of their intervals),
+whose ratio to the reads is the run's own cost of one read at the concurrency it ran with.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -72,3 +73,52 @@ class TransferClock:
 
 def _average(current: float | None, sample: float) -> float:
     return sample if current is None else (1 - _WEIGHT) * current + _WEIGHT * sample
+
+
+
+@dataclass(frozen=True)
+class ReadFigures:
+    reads: int = 0
+    read_seconds: float = 0.0
+    busy_seconds: float = 0.0
+
+    def minus(self, before: "ReadFigures") -> "ReadFigures":
+        return ReadFigures(self.reads - before.reads, self.read_seconds - before.read_seconds,
+                           self.busy_seconds - before.busy_seconds)
+
+
+class ReadMeter:
+    """Thread-safe: any thread wraps each read in `timed()`."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+        self._reads = 0
+        self._read_seconds = 0.0
+        self._busy_seconds = 0.0
+        self._running = 0
+        self._busy_since = 0.0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = self._now()
+        with self._lock:
+            if self._running == 0:
+                self._busy_since = start
+            self._running += 1
+        try:
+            yield
+        finally:
+            end = self._now()
+            with self._lock:
+                self._running -= 1
+                self._reads += 1
+                self._read_seconds += end - start
+                if self._running == 0:
+                    self._busy_seconds += end - self._busy_since
+
+    def figures(self) -> ReadFigures:
+        """The totals so far; a busy interval still open counts up to now."""
+        with self._lock:
+            busy = self._busy_seconds + (self._now() - self._busy_since if self._running else 0.0)
+            return ReadFigures(self._reads, self._read_seconds, busy)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from expertflow.adapters import MoEAdapter, TensorRef
 from expertflow.checkpoint import Checkpoint, Extent
-from expertflow.direct_io import (ALIGN, SLOT_SLACK, BounceBuffers, open_direct, placement_skip, read_exact,
+from expertflow.cache.direct_io import (ALIGN, SLOT_SLACK, BounceBuffers, open_direct, placement_skip, read_exact,
                                   readv_exact)
 from expertflow.errors import ExpertflowError
 

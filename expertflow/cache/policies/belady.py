@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from expertflow.errors import ExpertflowError
-from expertflow.policies.base import CachePolicy, Key
+from expertflow.cache.policies.base import CachePolicy, Key
 
 _NEVER = float("inf")
 

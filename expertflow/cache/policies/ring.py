@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from expertflow.policies.base import CachePolicy, Forecast, Key
+from expertflow.cache.policies.base import CachePolicy, Forecast, Key
 
 
 class RingPolicy(CachePolicy):

@@ -6,14 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 
 from expertflow.errors import ExpertflowError
-from expertflow.policies.base import CachePolicy, Forecast, Key
-from expertflow.policies.belady import BeladyPolicy
-from expertflow.policies.lfu import LFUPolicy
-from expertflow.policies.lru import LRUPolicy
-from expertflow.policies.plec import PLECPolicy
-from expertflow.policies.pregated import PregatedPolicy
-from expertflow.policies.resident import AllResidentPolicy
-from expertflow.policies.ring import RingPolicy
+from expertflow.cache.policies.base import CachePolicy, Forecast, Key
+from expertflow.cache.policies.belady import BeladyPolicy
+from expertflow.cache.policies.lfu import LFUPolicy
+from expertflow.cache.policies.lru import LRUPolicy
+from expertflow.cache.policies.plec import PLECPolicy
+from expertflow.cache.policies.pregated import PregatedPolicy
+from expertflow.cache.policies.resident import AllResidentPolicy
+from expertflow.cache.policies.ring import RingPolicy
 
 POLICIES: dict[str, type[CachePolicy]] = {
     cls.name: cls

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from expertflow.policies.base import CachePolicy, Key
-from expertflow.policies.lru import LRUPolicy, layer_can_place, split_evenly
+from expertflow.cache.policies.base import CachePolicy, Key
+from expertflow.cache.policies.lru import LRUPolicy, layer_can_place, split_evenly
 
 
 class LFUPolicy(CachePolicy):

@@ -39,8 +39,8 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from expertflow.policies.base import CachePolicy, Forecast, Key
-from expertflow.policies.forecast import LookaheadForecast
+from expertflow.cache.policies.base import CachePolicy, Forecast, Key
+from expertflow.cache.policies.forecast import LookaheadForecast
 
 
 @dataclass(frozen=True)

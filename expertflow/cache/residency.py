@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from expertflow.policies import CachePolicy, Key
+from expertflow.cache.policies import CachePolicy, Key
 
 RELOAD_FORWARDS = 4  # a load of a key evicted in this forward or the 4 before it counts as a re-load
 

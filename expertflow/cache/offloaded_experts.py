@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from expertflow.adapters import MoEAdapter
-from expertflow.cache import ExpertCache
+from expertflow.cache.expert_cache import ExpertCache
 
 # Called with (layer, top_k_index (T, K)) before the layer's experts run; the engine records routing with it.
 RoutingObserver = Callable[[int, torch.Tensor], None]

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from expertflow.policies import Forecast, Key
-from expertflow.policies.planner import USE_AHEAD, CachePlanner, Issued
-from expertflow.prefetch import DEMAND, PREFETCH, Transfer, TransferWorker
-from expertflow.read_meter import ReadFigures, ReadMeter
-from expertflow.residency import CacheCounters, Placement, Residency
-from expertflow.store import ExpertStore
-from expertflow.transfer_clock import TransferClock
+from expertflow.cache.policies import Forecast, Key
+from expertflow.cache.planner import USE_AHEAD, CachePlanner, Issued
+from expertflow.cache.transfers import DEMAND, PREFETCH, Transfer, TransferWorker
+from expertflow.cache.timing import ReadFigures, ReadMeter
+from expertflow.cache.residency import CacheCounters, Placement, Residency
+from expertflow.cache.stores import ExpertStore
+from expertflow.cache.timing import TransferClock
 
 
 @dataclass(frozen=True)
