@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from expertflow.config import EngineConfig, parse_size
-from expertflow.batching import BatchRunner, ManyOutput
-from expertflow.engine import Engine, GenerationOutput, Predictor
+from expertflow.engine.steps import BatchRunner, ManyOutput, generate
+from expertflow.engine.runner import DecoderRunner, GenerationOutput, Predictor
 from expertflow.errors import ExpertflowError
 from expertflow.loading import load
-from expertflow.routing import RoutingRecorder
+from expertflow.predictor.runtime import RoutingPredictor
+from expertflow.engine.routing import RoutingRecorder
 from expertflow.scheduler import scheduler_class
-from expertflow.seq2seq import Seq2SeqEngine
+from expertflow.engine.seq2seq_runner import Seq2SeqRunner
 from expertflow.stats import RunStats
 
 
 # The decode loop for each adapter kind: decoder-only models, or an encoder run once then a decoder.
-ENGINES = {"decoder": Engine, "encoder-decoder": Seq2SeqEngine}
+ENGINES = {"decoder": DecoderRunner, "encoder-decoder": Seq2SeqRunner}
 
 
 def check_prompt(prompt: str) -> None:
@@ -44,19 +45,12 @@ class ExpertflowModel:
         if given is None and self.config.predictor is None:
             if not self._parts.policy.uses_forecast:
                 return None
-            raise ExpertflowError(f"policy {self._parts.policy.name!r} plans from a routing predictor; pass "
+            raise ExpertflowError(f"policy {self.config.policy!r} plans from a routing predictor; pass "
                                   "--predictor DIR (train one with expertflow train-predictor)")
         if given is not None:
             return given
-        from expertflow.predictor.runtime import RoutingPredictor  # only predictive runs pay for the import
-
-        predictor = RoutingPredictor.load(self.config.predictor, device=self.config.device)
-        shape = (predictor.config.num_layers, predictor.config.num_experts)
-        if shape != (len(self._parts.layers), self._parts.adapter.num_experts):
-            raise ExpertflowError(f"predictor {self.config.predictor} forecasts {shape[0]} layers x {shape[1]} "
-                                  f"experts but the model has {len(self._parts.layers)} x "
-                                  f"{self._parts.adapter.num_experts}; train one on this model's traces")
-        return predictor
+        return RoutingPredictor.load(self.config.predictor, device=self.config.device,
+                                     expect=(len(self._parts.layers), self._parts.adapter.num_experts))
 
     @property
     def tokenizer(self):
@@ -116,8 +110,8 @@ class ExpertflowModel:
         if input_ids is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             input_ids = [self.encode(p) for p in prompts]
-        out = self.engine.generate(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                   record_routing=record_routing)
+        out = generate(self.engine, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                       record_routing=record_routing)
         self.stats = out.stats
         return out
 

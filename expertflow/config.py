@@ -14,9 +14,10 @@ from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.cache.policies import policy_class, policy_settings
+from expertflow.cache.stores import STORES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STORE_NAMES = ("host", "disk")
+STORE_NAMES = tuple(STORES)   # the store registry's names: --store's choices and this config's check
 DEVICE_TYPES = ("cpu", "cuda")
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
 
@@ -30,6 +31,15 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ExpertflowError(f"cannot read size {text!r}; write it like 2GiB, 512MiB, 300MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KiB, 3.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def slots_within(memory_budget: int, resident_bytes: int, expert_bytes: int) -> int:
@@ -54,7 +64,7 @@ class EngineConfig:
 
     The budget is one of: expert slots (`cache_experts`), bytes for expert slots (`cache_bytes`), or bytes
     for the whole fast tier (`memory_budget`: every non-expert weight, then as many expert slots as fit).
-    Without one the policy defaults to `none` (every expert resident); with one, to `lru`.
+    Without one the policy defaults to `none` (all-resident: every expert resident); with one, to `lru`.
     """
 
     model: Path = EMBEDDED_MODEL_DIR
@@ -119,6 +129,7 @@ class EngineConfig:
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ExpertflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if self.policy is None:
+            # `none` is all-resident's alias, the name this default has always been reported by (outputs say it)
             self.policy = "none" if not budgets else "lru"
         policy_settings(self.policy, self.policy_settings)  # fails now, naming the knob, not at load time
         if self.predictor is None and policy_class(self.policy).uses_forecast:

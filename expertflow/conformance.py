@@ -15,7 +15,7 @@ from expertflow.adapters import adapter_for
 from expertflow.checkpoint import INDEX_FILE, Checkpoint
 from expertflow.config import EngineConfig
 from expertflow.loading import read_config
-from expertflow.cache.policies import POLICIES
+from expertflow.cache.policies import POLICY_NAMES, policy_class
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def inspect_model(model_dir: Path) -> ModelReport:
         checkpoint_layout="per-expert" if first[0].index is None else "fused",
         checkpoint_dtype=str(extents[0].dtype).removeprefix("torch."),
         sharded=(config.model / INDEX_FILE).is_file(), shards=shards,
-        min_cache_experts={name: cls.min_capacity(moe_layers, adapter.num_experts, adapter.top_k)
-                           for name, cls in POLICIES.items()},
+        # every name a policy answers to, aliases (`none`, `expertflow`) included: the report has always had them
+        min_cache_experts={name: policy_class(name).min_capacity(moe_layers, adapter.num_experts, adapter.top_k)
+                           for name in POLICY_NAMES},
         stacks=[asdict(stack) for stack in stacks],
     )

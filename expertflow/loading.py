@@ -75,7 +75,7 @@ def load(config: EngineConfig, observer: RoutingObserver | None = None) -> Offlo
     expert_bytes = adapter.layout.nbytes(config.torch_dtype)
     chosen = policy_class(config.policy)
     if chosen.needs_future:
-        raise ExpertflowError(f"policy {chosen.name!r} needs the future access sequence; compare it with "
+        raise ExpertflowError(f"policy {config.policy!r} needs the future access sequence; compare it with "
                               "expertflow simulate --policies ...,belady")
     policy_settings(config.policy, config.policy_settings)  # a bad knob fails here too
     minimum = chosen.min_capacity(layers, adapter.num_experts, adapter.top_k)

@@ -16,7 +16,10 @@ class RunStats:
     seconds: float
     prefill_seconds: float
     hits: int
-    misses: int
+    # The misses: routed experts not resident when their layer ran, loaded then (the paper's run-time
+    # correction), so expert_loads = correction_loads + prefetch_loads. Once also called "misses" and
+    # "demand_loads"; as_dict still writes "misses" for older scripts.
+    correction_loads: int
     expert_loads: int
     prefetch_loads: int
     evictions: int
@@ -26,7 +29,6 @@ class RunStats:
     peak_expert_bytes: int
     all_expert_bytes: int
     prefetch_hits: int = 0          # prefetches the forward they were fetched for used
-    correction_loads: int = 0       # demand loads: routed experts that were not resident (misses)
     wasted_prefetches: int = 0      # prefetches evicted before their forward used them
     stale_prefetches: int = 0       # prefetches still unused when their forward ended
     reloads: int = 0                # loads of an expert evicted within the last few forwards
@@ -52,7 +54,7 @@ class RunStats:
 
     @property
     def hit_ratio(self) -> float:
-        uses = self.hits + self.misses
+        uses = self.hits + self.correction_loads
         return self.hits / uses if uses else 1.0
 
     @classmethod
@@ -62,11 +64,12 @@ class RunStats:
         reads = after.reads.minus(before.reads)
         return cls(
             new_tokens=new_tokens, prompt_tokens=prompt_tokens, seconds=seconds, prefill_seconds=prefill_seconds,
-            hits=delta.hits, misses=delta.misses, expert_loads=delta.loads, prefetch_loads=delta.prefetch_loads,
+            hits=delta.hits, correction_loads=delta.correction_loads, expert_loads=delta.loads,
+            prefetch_loads=delta.prefetch_loads,
             evictions=delta.evictions, bytes_moved=delta.loads * after.expert_bytes,
             cache_experts=after.capacity_experts, expert_bytes=after.expert_bytes,
             peak_expert_bytes=after.peak_expert_bytes, all_expert_bytes=after.all_expert_bytes,
-            prefetch_hits=delta.prefetch_hits, correction_loads=delta.demand_loads,
+            prefetch_hits=delta.prefetch_hits,
             wasted_prefetches=delta.wasted_prefetches, stale_prefetches=delta.stale_prefetches,
             reloads=delta.reloads,
             transfer_wait_seconds=after.wait_seconds - before.wait_seconds, resident_bytes=resident_bytes,
@@ -75,5 +78,6 @@ class RunStats:
         )
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_ratio": self.hit_ratio,
+        return {**asdict(self), "misses": self.correction_loads, "tokens_per_s": self.tokens_per_s,
+                "hit_ratio": self.hit_ratio,
                 "peak_fast_tier_bytes": self.peak_fast_tier_bytes, "busy_ms_per_read": self.busy_ms_per_read}

@@ -52,7 +52,7 @@ def test_regrouped_sequences_decode_as_alone(tiny_mixtral_dir, scheduler, batch_
     assert out.stats.new_tokens == sum(map(len, out.sequences))
 
 
-@pytest.mark.parametrize("policy", sorted(p for p in POLICIES if p not in ("none", "belady")))
+@pytest.mark.parametrize("policy", sorted(p for p in POLICIES if p not in ("all-resident", "belady")))
 def test_every_live_policy_with_a_predicted_schedule(tiny_mixtral_dir, policy):
     m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8, policy=policy,
                                    predictor=RandomPredictor(3, 8))
@@ -128,8 +128,8 @@ def test_a_batch_the_scheduler_keeps_keeps_its_kv_and_the_rest_are_moved(tiny_mi
     (its KV untouched), the others are rebuilt, and every sequence still decodes as it would alone."""
     from collections import deque
 
-    from expertflow.batching import BatchRunner, Sequence
-    from expertflow.engine import Sampler
+    from expertflow.engine.steps import BatchRunner, Sequence
+    from expertflow.engine.sampling import Sampler
     from expertflow.scheduler import Grouping, Scheduler
 
     class KeepFirst(Scheduler):
@@ -199,8 +199,8 @@ def test_encoder_decoder_models_are_refused_for_batched_scheduling(capsys, tmp_p
 
 
 def test_session_streams_tokens_honours_per_request_limits_and_cancellation(tiny_mixtral_dir):
-    from expertflow.batching import BatchRunner, Sequence
-    from expertflow.engine import Sampler
+    from expertflow.engine.steps import BatchRunner, Sequence
+    from expertflow.engine.sampling import Sampler
     from expertflow.scheduler import scheduler_class
 
     m = expertflow.from_pretrained(tiny_mixtral_dir, cache_experts=8)
@@ -217,7 +217,7 @@ def test_session_streams_tokens_honours_per_request_limits_and_cancellation(tiny
         for i, (p, limit) in enumerate(zip(PROMPTS, limits)):
             session.add(Sequence(i, p, limit, Sampler(0.0, None), on_token=on_token))
         while session.busy:
-            session.round()
+            session.step()
     done = {s.index: s for s in session.finished}
     assert sorted(done) == list(range(5))
     assert done[1].finish_reason == "cancelled" and done[1].generated == streamed[1] and len(streamed[1]) == 3
@@ -229,8 +229,8 @@ def test_session_streams_tokens_honours_per_request_limits_and_cancellation(tiny
 
 
 def test_session_abort_returns_everything_in_flight(tiny_mixtral_dir):
-    from expertflow.batching import BatchRunner, Sequence
-    from expertflow.engine import Sampler
+    from expertflow.engine.steps import BatchRunner, Sequence
+    from expertflow.engine.sampling import Sampler
     from expertflow.scheduler import scheduler_class
 
     m = expertflow.from_pretrained(tiny_mixtral_dir)
@@ -238,13 +238,13 @@ def test_session_abort_returns_everything_in_flight(tiny_mixtral_dir):
     with runner.session() as session:
         for i, p in enumerate(PROMPTS):
             session.add(Sequence(i, p, 50, Sampler(0.0, None)))
-        session.round()
+        session.step()
         dropped = session.abort()
         assert not session.busy
         assert sorted(s.index for s in dropped) + sorted(s.index for s in session.finished) == list(range(7))
         session.add(Sequence(9, PROMPTS[0], 3, Sampler(0.0, None)))
         while session.busy:
-            session.round()
+            session.step()
     assert session.finished[-1].index == 9 and len(session.finished[-1].generated) <= 3
 
 

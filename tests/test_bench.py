@@ -12,7 +12,9 @@ import pytest
 from expertflow.bench.harness import ModelShape, model_shape, plan_runs, run_bench
 from expertflow.bench.plots import write_plots
 from expertflow.bench.report import JSON_FIELDS, json_line, markdown, versus, versus_rows, write_results
+from expertflow.bench.runners import RUNNERS, run_engine
 from expertflow.bench.spec import BenchConfig, CacheSize
+from expertflow.bench.systems import SYSTEMS
 from expertflow.errors import ExpertflowError
 
 
@@ -119,6 +121,11 @@ def test_plan_runs_one_per_cache_size_only_where_it_applies(tiny_mixtral_dir: Pa
 def test_bad_cache_sizes_are_one_line_errors(text: str) -> None:
     with pytest.raises(ExpertflowError, match="--cache-experts"):
         CacheSize.parse(text)
+
+
+def test_every_system_has_a_runner_and_engine_systems_run_the_engine() -> None:
+    assert list(RUNNERS) == list(SYSTEMS)
+    assert all((RUNNERS[name] is run_engine) == (system.policy is not None) for name, system in SYSTEMS.items())
 
 
 def test_config_checks_systems_and_predictor(tiny_mixtral_dir: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def test_lru_counts_on_a_hand_made_sequence():
     hits = [cache.use(k).loaded is False for k in accesses]
     assert hits == [False, False, False, True, True, False, False, False, False, False, True]
     c = cache.counters
-    assert (c.hits, c.misses, c.loads, c.evictions) == (3, 8, 8, 4)
+    assert (c.hits, c.correction_loads, c.loads, c.evictions) == (3, 8, 8, 4)
     assert set(cache.slot_of) == {(0, 2), (0, 3), (1, 7), (1, 5)}
     assert cache.slots_used_peak == 4
 

@@ -18,7 +18,7 @@ from expertflow.predictor.distill import RouterTeacher
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel
 from expertflow.predictor.train import TrainConfig, _loss, train_predictor
 from expertflow.traces import write_traces
-from expertflow.tracing import TracingConfig, collect_traces
+from expertflow.trace_collection import TracingConfig, collect_traces
 from tests.test_switch import switch_config
 from tests.tiny_models import TINY_CONFIGS
 

@@ -14,7 +14,7 @@ from expertflow.distributed.placement import (PLACEMENTS, ReplicaSet, RoundRobin
                                               prompt_path)
 from expertflow.cli import main as cli_main
 from expertflow.traces import TraceSet
-from expertflow.tracing import TracingConfig, collect_traces
+from expertflow.trace_collection import TracingConfig, collect_traces
 
 PROMPTS = ["5 17 33", "60 3 9 9", "11 12 13 14", "70 71", "1 2 3 4 5 6"]
 

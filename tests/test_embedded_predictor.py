@@ -3,6 +3,8 @@ exact outputs with it, and real accuracy on prompts it was never trained on (alp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -10,10 +12,11 @@ import expertflow
 from expertflow.config import EngineConfig
 from expertflow.datasets import load_prompts
 from expertflow.embedded import EMBEDDED_PREDICTOR_DIR
+from expertflow.errors import ExpertflowError
 from expertflow.predictor.baselines import TemporalBaseline
 from expertflow.predictor.evaluate import EvalConfig, evaluate
 from expertflow.predictor.runtime import RoutingPredictor
-from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
+from expertflow.trace_collection import TracingConfig, collect_traces, encode_prompts
 from tests.reference import reference_generate
 
 PROMPTS = ["Describe a process of making crepes.", "Give three tips for staying healthy."]
@@ -23,6 +26,14 @@ def test_forecasting_policies_on_the_embedded_model_default_to_its_predictor(tin
     assert EngineConfig(cache_experts=64, policy="expertflow").predictor == EMBEDDED_PREDICTOR_DIR
     assert EngineConfig(cache_experts=64, policy="lru").predictor is None
     assert EngineConfig(model=tiny_mixtral_dir, cache_experts=8, policy="expertflow").predictor is None
+
+
+def test_loading_a_predictor_checks_its_shape_against_the_model() -> None:
+    assert RoutingPredictor.load(EMBEDDED_PREDICTOR_DIR, expect=(8, 32)).config.num_experts == 32
+    message = (f"predictor {EMBEDDED_PREDICTOR_DIR} forecasts 8 layers x 32 experts but the model has 8 x 64; "
+               "train one on this model's traces")
+    with pytest.raises(ExpertflowError, match=f"^{re.escape(message)}$"):
+        RoutingPredictor.load(EMBEDDED_PREDICTOR_DIR, expect=(8, 64))
 
 
 def test_expertflow_on_the_embedded_model_is_exact_with_the_shipped_predictor(embedded_model_dir):

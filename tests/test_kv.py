@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from expertflow.adapters.kv_argument import KVArgument
-from expertflow.kv import KVBatch, merge, select
+from expertflow.engine.kv import KVBatch, merge, select
 
 PROMPTS = [[5, 17, 33, 8, 41, 60, 12], [70, 3, 9], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 

@@ -28,7 +28,7 @@ def test_belady_on_the_textbook_sequence():
     cache = Residency(3, policy)
     for p in pages:
         cache.use((0, p))
-    assert cache.counters.misses == 9  # the classic OPT answer for 3 frames
+    assert cache.counters.correction_loads == 9  # the classic OPT answer for 3 frames
 
 
 def test_lfu_evicts_the_least_used_of_the_layer():
@@ -37,7 +37,7 @@ def test_lfu_evicts_the_least_used_of_the_layer():
         cache.use((0, e))
     # 1 (3 uses) stays; 2 then 3 then 2 again: 3 evicts 2 (1 use, older), 2 evicts 3, 4 evicts 2 (tie: older)
     assert set(cache.slot_of) == {(0, 1), (0, 4)}
-    assert (cache.counters.misses, cache.counters.evictions) == (5, 3)
+    assert (cache.counters.correction_loads, cache.counters.evictions) == (5, 3)
 
 
 def test_prefetches_are_judged_by_their_forward_and_reloads_are_counted():
@@ -54,7 +54,7 @@ def test_prefetches_are_judged_by_their_forward_and_reloads_are_counted():
     cache.use((0, 1))       # miss: evicts (0, 3) unused (wasted); (0, 1) left this forward (a re-load)
     cache.begin_forward()   # ends the forward: (0, 4) unused, stale
     c = cache.counters
-    assert (c.hits, c.misses, c.loads, c.prefetch_loads, c.evictions) == (2, 1, 5, 4, 3)
+    assert (c.hits, c.correction_loads, c.loads, c.prefetch_loads, c.evictions) == (2, 1, 5, 4, 3)
     assert (c.prefetch_hits, c.wasted_prefetches, c.stale_prefetches, c.reloads) == (1, 1, 2, 1)
     assert c.prefetch_loads == c.prefetch_hits + c.wasted_prefetches + c.stale_prefetches
 
@@ -98,7 +98,7 @@ def test_plec_prefetches_by_layer_then_probability_and_evicts_mispredictions_fir
     cache.use((0, 0))                                               # correction: a demand load
     assert (0, 2) not in cache and cache.counters.wasted_prefetches == 1
     cache.use((0, 1))
-    assert cache.counters.prefetch_hits == 1 and cache.counters.misses == 1
+    assert cache.counters.prefetch_hits == 1 and cache.counters.correction_loads == 1
 
 
 def _filled_plec(capacity: int, layers: list[int], first: list[list[int]]) -> CachePlanner:
@@ -133,7 +133,7 @@ def test_plec_evicts_its_own_mispredicted_prefetch_before_an_older_resident_the_
     _run_layer(planner, 1, [0])                              # demand load: (0, 2) goes first
     cache = planner.residency
     assert (0, 0) in cache and (0, 2) not in cache
-    assert (cache.counters.wasted_prefetches, cache.counters.misses) == (1, 3 + 1)  # 3 filled the cache
+    assert (cache.counters.wasted_prefetches, cache.counters.correction_loads) == (1, 3 + 1)  # 3 filled the cache
 
 
 @pytest.mark.parametrize("lookahead, loads", [(0, 4), (1, 3)])
@@ -235,7 +235,7 @@ def test_a_live_runs_use_log_replays_to_its_own_loads_and_belady_loads_no_more(p
         floor = belady_loads(uses, 26, p.layers, p.num_experts, p.top_k, resident)
     finally:
         m.close()
-    assert resident == [] and len(uses) == out.stats.hits + out.stats.misses
+    assert resident == [] and len(uses) == out.stats.hits + out.stats.correction_loads
     assert 0 < floor <= live
     if policy == "lru":  # a demand-paged policy: its loads are a function of the use sequence alone
         replay = Residency(26, build_policy("lru", 26, p.layers, p.num_experts, p.top_k))

@@ -29,7 +29,7 @@ def test_settings_build_the_policy_with_them() -> None:
 
 
 @pytest.mark.parametrize("name, settings, message", [
-    ("lru", {"threshold": 0.2}, "policy 'lru' has no settings (threshold given); threshold applies to policy expertflow"),
+    ("lru", {"threshold": 0.2}, "policy 'lru' has no settings (threshold given); threshold applies to policy plec (or expertflow)"),
     ("expertflow", {"treshold": 0.2}, "policy 'expertflow' has no setting 'treshold'; it has beta, decay, lead, refetch_discount, spare_threshold, threshold"),
     ("expertflow", {"threshold": 0.0}, "PLEC threshold is the forecast probability worth a prefetch and must be in (0, 1]"),
 ])
@@ -66,7 +66,7 @@ def test_generate_cli_takes_a_prefetch_threshold(capsys) -> None:
     assert len(payload["token_ids"]) == 4
     assert main([*args, "--policy", "lru", "--prefetch-threshold", "0.2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "threshold applies to policy expertflow" in err
+    assert len(err.splitlines()) == 1 and "threshold applies to policy plec (or expertflow)" in err
 
 
 def test_simulate_cli_takes_a_prefetch_threshold(tmp_path, capsys) -> None:

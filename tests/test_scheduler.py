@@ -362,7 +362,7 @@ def test_live_loop_hands_the_forecast_probabilities_to_the_scheduler(tiny_mixtra
     """With an RPP, a scheduler that takes probabilities gets the forecasts themselves; exact gets their
     top-k paths. Either way each sequence decodes as it does alone."""
     import expertflow
-    from expertflow.batching import BatchRunner
+    from expertflow.engine.steps import BatchRunner
     from tests.test_batching import PROMPTS, RandomPredictor
 
     class Recording(SCHEDULERS[name]):
@@ -477,7 +477,7 @@ def test_schedule_eval_probability_rows_follow_the_probabilities():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--schedulers", "fifo,kmeans"], "unknown schedulers ['kmeans']"),
-    (["--batch-size", "0"], "must be non-empty lists of integers >= 1"),
+    (["--batch-size", "0"], "--batch-size takes positive whole numbers"),
     (["--batch-size", "64"], "has 16 sequences, fewer than the smallest unit of 2 x 64"),
 ])
 def test_schedule_eval_bad_flags(tmp_path, capsys, argv, needle):

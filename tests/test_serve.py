@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import expertflow
-from expertflow.batching import Batch, BatchRun, BatchRunner
+from expertflow.engine.steps import Batch, BatchRun, BatchRunner
 from expertflow.datasets import alpaca_records, load_prompts
 from expertflow.embedded import EMBEDDED_MODEL_DIR
 from expertflow.scheduler import scheduler_class

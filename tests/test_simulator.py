@@ -48,8 +48,8 @@ def test_simulator_counts_what_the_live_engine_counts(tiny_mixtral_dir, policy, 
     predictions = [predictor.per_token(list(s.token_ids)) for s in traces.sequences]
     sim = simulate(batch_forwards(traces, batch, predictions), [0, 1, 2], 8, 2,
                    SimConfig(policy, 7, batch, transfer_ratio=1.5, count_prefill=True)).counters
-    assert (sim.hits, sim.misses, sim.loads, sim.prefetch_loads, sim.evictions) == (
-        live.hits, live.misses, live.expert_loads, live.prefetch_loads, live.evictions)
+    assert (sim.hits, sim.correction_loads, sim.loads, sim.prefetch_loads, sim.evictions) == (
+        live.hits, live.correction_loads, live.expert_loads, live.prefetch_loads, live.evictions)
     assert (sim.prefetch_hits, sim.wasted_prefetches, sim.stale_prefetches, sim.reloads) == (
         live.prefetch_hits, live.wasted_prefetches, live.stale_prefetches, live.reloads)
     # every forward has ended: each prefetch was used by its forward, evicted unused, or left stale
@@ -79,9 +79,12 @@ def test_simulate_cli_prints_table_json_and_plot(tmp_path, capsys):
     results = json.loads(lines[-1])["results"]
     assert len(results) == 3 * 2 * 2
     contract = {"policy", "cache_experts", "batch_size", "hit_ratio", "loads", "bytes_moved", "loads_vs_belady"}
-    breakdown = {"demand_loads", "prefetch_loads", "prefetch_hits", "wasted_prefetches", "stale_prefetches", "reloads"}
-    assert all(set(r) == contract | breakdown for r in results)
-    assert all(r["loads"] == r["demand_loads"] + r["prefetch_loads"] for r in results)
+    breakdown = {"correction_loads", "prefetch_loads", "prefetch_hits", "wasted_prefetches", "stale_prefetches",
+                 "reloads"}
+    old_names = {"demand_loads"}  # correction_loads's earlier name, still written for scripts that read it
+    assert all(set(r) == contract | breakdown | old_names for r in results)
+    assert all(r["loads"] == r["correction_loads"] + r["prefetch_loads"] for r in results)
+    assert all(r["demand_loads"] == r["correction_loads"] for r in results)
     assert all(r["prefetch_loads"] == r["prefetch_hits"] + r["wasted_prefetches"] + r["stale_prefetches"]
                for r in results)
     assert all(r["prefetch_loads"] == 0 for r in results if r["policy"] in ("lru", "belady"))

@@ -24,9 +24,10 @@ from expertflow.predictor.model import PredictorConfig, RoutingPathModel, save_m
 from expertflow.predictor.runtime import RoutingPredictor
 from expertflow.predictor.train import TrainConfig, _collate, _loss, train_predictor
 from expertflow.cache.residency import Residency
-from expertflow.routing import RoutingRecorder
-from expertflow.seq2seq import Seq2SeqEngine
+from expertflow.engine.routing import RoutingRecorder
+from expertflow.engine.seq2seq_runner import Seq2SeqRunner
 from expertflow.simulator import Forward, SimConfig, batch_forwards, forward_layers, simulate
+from expertflow.engine.steps import generate
 from expertflow.traces import NO_EXPERT, TraceHeader, TraceSequence, TraceSet
 from tests.test_policy_exactness import HashPredictor
 from tests.test_switch import (EXPERTS, LAYERS, NEW_TOKENS, PROMPTS, _assert_matches, reference,  # noqa: F401
@@ -36,16 +37,16 @@ ENCODER, DECODER = (0, 1), (2, 3)
 TRAIN_PROMPTS = [[(7 * i + 3 * j) % 8000 + 2 for j in range(5 + i % 9)] for i in range(24)]
 
 
-def _engine(model_dir: Path, recorder: RoutingRecorder, predictor=None, **config) -> Seq2SeqEngine:
+def _engine(model_dir: Path, recorder: RoutingRecorder, predictor=None, **config) -> Seq2SeqRunner:
     """The engine as from_pretrained assembles it, with the caller's recorder."""
     parts = load(EngineConfig(model=model_dir, **config), observer=recorder.observe)
-    return Seq2SeqEngine(parts, recorder, predictor)
+    return Seq2SeqRunner(parts, recorder, predictor)
 
 
 def _record(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> TraceSet:
     """Greedy routing traces of the model (all experts resident), as `expertflow trace` records them."""
     engine = _engine(model_dir, RoutingRecorder())
-    out = engine.generate(prompts, max_new_tokens=new_tokens, record_routing=True)
+    out = generate(engine, prompts, max_new_tokens=new_tokens, record_routing=True)
     engine.parts.cache.close()
     header = TraceHeader(model="tiny-switch", num_layers=LAYERS, num_experts=EXPERTS, top_k=1, vocab_size=8192)
     return TraceSet(header, [TraceSequence(p, g, r, prompt_index=i)
@@ -67,7 +68,7 @@ def trained(switch_dir, tmp_path_factory) -> tuple[RoutingPredictor, Path]:
 def _generate(model_dir: Path, predictor, prompts=PROMPTS, **config):
     engine = _engine(model_dir, RoutingRecorder(), predictor, **config)
     try:
-        return engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        return generate(engine, prompts, max_new_tokens=NEW_TOKENS)
     finally:
         engine.parts.cache.close()
 
@@ -150,7 +151,7 @@ def test_simulator_counts_what_the_live_engine_counts(switch_dir, policy, batch)
     predictor = HashPredictor(LAYERS, EXPERTS) if policy == "expertflow" else None
     log = ForwardLog()
     engine = _engine(switch_dir, log, predictor, cache_experts=5, policy=policy, transfer_ratio=1.5)
-    out = engine.generate(prompts, max_new_tokens=NEW_TOKENS, record_routing=True)
+    out = generate(engine, prompts, max_new_tokens=NEW_TOKENS, record_routing=True)
     engine.parts.cache.close()
     live = out.stats
     assert all(len(s) == NEW_TOKENS for s in out.sequences)  # no early eos: every forward is traced
@@ -165,8 +166,9 @@ def test_simulator_counts_what_the_live_engine_counts(switch_dir, policy, batch)
     start = Forward(logged[1], None, prefill=False, layers=DECODER)
     sim = simulate([traced[0], start, *traced[1:]], range(LAYERS), EXPERTS, 1,
                    SimConfig(policy, 5, batch, transfer_ratio=1.5, count_prefill=True)).counters
-    assert (sim.hits, sim.misses, sim.loads, sim.prefetch_loads, sim.evictions, sim.wasted_prefetches) == (
-        live.hits, live.misses, live.expert_loads, live.prefetch_loads, live.evictions, live.wasted_prefetches)
+    assert (sim.hits, sim.correction_loads, sim.loads, sim.prefetch_loads, sim.evictions,
+            sim.wasted_prefetches) == (live.hits, live.correction_loads, live.expert_loads, live.prefetch_loads,
+                                       live.evictions, live.wasted_prefetches)
 
 
 def _planner(policy: str, capacity: int, experts: int = 4) -> CachePlanner:
@@ -236,7 +238,7 @@ def test_simulated_ring_on_a_switch_shaped_trace_loads_only_what_the_forwards_ru
     c = result.counters
     # Encode: layers 0 and 1 prefetched whole (8); step 1: layers 2 and 3 (8), evicting layer 1 then 0;
     # step 2: everything resident. No encoder layer is prefetched during a decoder step.
-    assert (c.loads, c.prefetch_loads, c.misses, c.hits, c.evictions) == (16, 16, 0, 6, 8)
+    assert (c.loads, c.prefetch_loads, c.correction_loads, c.hits, c.evictions) == (16, 16, 0, 6, 8)
 
 
 def test_routing_mask_sets_no_expert_for_no_expert_entries():

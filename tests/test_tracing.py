@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import expertflow
 from expertflow.cli import main as cli_main
 from expertflow.traces import read_traces
-from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
+from expertflow.trace_collection import TracingConfig, collect_traces, encode_prompts
 
 PROMPTS = [[5, 17, 33, 40, 8], [60, 3], [11, 12, 13, 14, 15, 16, 70]]
 

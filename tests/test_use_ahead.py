@@ -38,7 +38,7 @@ def test_each_use_also_uses_the_next_key_of_the_layer_and_pins_it():
     assert planner.use((0, 7)) == []
     planner.release((0, 7))
     assert not residency._pins
-    assert (residency.counters.misses, residency.counters.loads) == (3, 3)
+    assert (residency.counters.correction_loads, residency.counters.loads) == (3, 3)
 
 
 def test_without_use_ahead_each_use_is_its_own():
@@ -53,7 +53,7 @@ def test_a_layer_that_stops_early_leaves_no_pin_behind():
     planner.release((0, 5))
     planner.finish_layer(0)
     assert not planner.residency._pins
-    assert planner.residency.counters.misses == 3  # uses ahead count as uses, like the engine's
+    assert planner.residency.counters.correction_loads == 3  # uses ahead count as uses, like the engine's
 
 
 def test_use_ahead_below_zero_is_refused():
@@ -93,7 +93,7 @@ def test_two_misses_of_one_layer_are_read_at_once_one_by_a_reader():
     me = threading.current_thread().name
     assert store.second_started.is_set()
     assert sorted(store.reads) == [((0, 5), me), ((0, 6), "expertflow-transfers-0")]
-    assert cache.residency.counters.misses == 2
+    assert cache.residency.counters.correction_loads == 2
 
 
 def test_no_key_is_used_ahead_when_every_slot_is_pinned():

@@ -103,7 +103,7 @@ class MoEAdapter:
     intermediate_attr: str = "moe_intermediate_size"
     # The transformers auto class that builds the family's skeleton, and which engine decodes it.
     auto_class: ClassVar[type] = AutoModelForCausalLM
-    kind: ClassVar[str] = "decoder"  # "decoder" (engine.py) or "encoder-decoder" (seq2seq.py)
+    kind: ClassVar[str] = "decoder"  # "decoder" (engine/runner.py) or "encoder-decoder" (engine/seq2seq_runner.py)
 
     def __init__(self, config) -> None:
         self.config = config

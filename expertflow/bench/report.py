@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from expertflow.cli.report import human_bytes
+from expertflow.config import human_bytes
 from expertflow.outputs import write_atomic
 
 COLUMNS = ("system", "cache experts", "batch", "tokens/s", "vs all-in-memory", "prefill s", "decode tokens/s",

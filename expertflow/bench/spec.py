@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from expertflow.checkpoint import stored_dtype
 import torch
 
-from expertflow.config import DTYPES, default_store, parse_size, slots_within
-from expertflow.errors import ExpertflowError
+from expertflow.bench.systems import SYSTEMS, plans_from_forecast
 from expertflow.cache.policies import policy_settings
+from expertflow.checkpoint import stored_dtype
+from expertflow.config import DTYPES, STORE_NAMES, default_store, parse_size, slots_within
+from expertflow.errors import ExpertflowError
 
 ENGINE_SCHEDULERS = ("similarity", "swap", "exhaustive")
-STORE_NAMES = ("host", "disk")
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,6 @@ class BenchConfig:
     notes: dict = field(default_factory=dict)  # provenance shown in results (widening, costs, ...)
 
     def __post_init__(self) -> None:
-        # the registry validates names; imported late to avoid a cycle
-        from expertflow.bench.systems import SYSTEMS, plans_from_forecast
-
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown or not self.systems:
             raise ExpertflowError(f"unknown system {unknown[0] if unknown else '(none)'!r}; choose from "

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
+from expertflow.bench.runners import RUNNERS
 from expertflow.bench.spec import RunSpec
-from expertflow.bench.systems import SYSTEMS
 
 
 def _peak_rss_bytes() -> int:
@@ -24,7 +24,7 @@ def _peak_rss_bytes() -> int:
 def run(spec: RunSpec) -> dict:
     torch.set_num_threads(spec.threads)
     start_rss = _peak_rss_bytes()  # python + torch + transformers imported, no model yet
-    measured = SYSTEMS[spec.system].runner(spec)
+    measured = RUNNERS[spec.system](spec)
     return {
         "sequences": measured.sequences, "seconds": measured.seconds, "new_tokens": measured.new_tokens,
         "prefill_seconds": measured.prefill_seconds,

@@ -24,7 +24,7 @@ from expertflow.cache.policies import Forecast, Key
 from expertflow.cache.planner import USE_AHEAD, CachePlanner, Issued
 from expertflow.cache.transfers import DEMAND, PREFETCH, Transfer, TransferWorker
 from expertflow.cache.timing import ReadFigures, ReadMeter
-from expertflow.cache.residency import CacheCounters, Placement, Residency
+from expertflow.cache.residency import CacheCounters, Residency, SlotAssignment
 from expertflow.cache.stores import ExpertStore
 from expertflow.cache.timing import TransferClock
 
@@ -130,7 +130,7 @@ class ExpertCache:
         for key, placement in issued:
             self._start(key, placement, PREFETCH)
 
-    def _start(self, key: Key, placement: Placement, priority: int, queued: bool = True) -> None:
+    def _start(self, key: Key, placement: SlotAssignment, priority: int, queued: bool = True) -> None:
         """Fill `placement`'s slot with `key`: now without a worker, else as a queued transfer (or, not
         `queued`, one the caller runs itself when it awaits it)."""
         if placement.evicted is not None:

@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Sequence
 
 from expertflow.cache.policies.base import Forecast, Key
-from expertflow.cache.residency import Placement, Residency
+from expertflow.cache.residency import Residency, SlotAssignment
 
-Issued = tuple[Key, Placement]
+Issued = tuple[Key, SlotAssignment]
 USE_AHEAD = 1  # keys of a layer used ahead of the running one where a transfer worker can read them
 
 
@@ -101,7 +101,7 @@ class CachePlanner:
     def release(self, key: Key) -> None:
         self.residency.unpin(key)
 
-    def _use(self, key: Key) -> Placement:
+    def _use(self, key: Key) -> SlotAssignment:
         placement = self.residency.use(key)
         self.residency.pin(key)
         return placement

@@ -1,7 +1,7 @@
 """Which expert sits in which fast-tier slot, and the counters: pure Python, shared by engine and simulator.
 
 The live cache wraps this with tensors and copies; the trace simulator uses it as is. Both therefore
-count hits, misses, loads and evictions the same way for the same accesses and policy. The planner tells
+count hits, correction loads, loads and evictions the same way for the same accesses and policy. The planner tells
 it where forwards begin and end (`begin_forward`, `end_forward`), so a prefetch is judged by the forward
 it was fetched for and a re-load is dated in forwards.
 """
@@ -18,9 +18,10 @@ RELOAD_FORWARDS = 4  # a load of a key evicted in this forward or the 4 before i
 
 @dataclass
 class CacheCounters:
-    """Hit ratio = hits / (hits + misses) over demand uses; loads count every transfer into the fast tier.
+    """Hit ratio = hits / (hits + correction_loads) over demand uses; loads count every transfer into the fast tier.
 
-    A miss is a demand load (run-time correction when a forecast was used). Every prefetch is judged by the
+    A correction load is a miss: a used expert that was not resident, loaded when its layer ran (the paper's
+    run-time correction of a forecast), so loads = correction_loads + prefetch_loads. Every prefetch is judged by the
     forward it was fetched for: a prefetch hit if that forward used it, wasted if it was evicted before any
     use, stale if the forward ended with it resident and unused (a later use is an ordinary hit). So once
     its forward has ended, prefetch_loads = prefetch_hits + wasted_prefetches + stale_prefetches (policy
@@ -29,7 +30,7 @@ class CacheCounters:
     """
 
     hits: int = 0
-    misses: int = 0
+    correction_loads: int = 0
     loads: int = 0
     prefetch_loads: int = 0
     evictions: int = 0
@@ -40,11 +41,7 @@ class CacheCounters:
 
     @property
     def uses(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def demand_loads(self) -> int:
-        return self.loads - self.prefetch_loads
+        return self.hits + self.correction_loads
 
     @property
     def hit_ratio(self) -> float:
@@ -58,7 +55,7 @@ class CacheCounters:
 
 
 @dataclass(frozen=True)
-class Placement:
+class SlotAssignment:
     """Result of bringing a key into the cache: its slot, whether it had to be loaded, what it displaced."""
 
     slot: int
@@ -94,8 +91,8 @@ class Residency:
     def __contains__(self, key: Key) -> bool:
         return key in self.slot_of
 
-    def use(self, key: Key) -> Placement:
-        """A demand use of `key` by a running layer: a hit, or a miss that loads it now."""
+    def use(self, key: Key) -> SlotAssignment:
+        """A demand use of `key` by a running layer: a hit, or a miss that loads it now (a correction load)."""
         if self._use_log is not None:
             self._use_log.append(key)
         if key in self.slot_of:
@@ -104,16 +101,16 @@ class Residency:
                 self._unused_prefetches.discard(key)
                 self.counters.prefetch_hits += 1
             self.policy.on_hit(key)
-            return Placement(self.slot_of[key], loaded=False, evicted=None)
-        self.counters.misses += 1
+            return SlotAssignment(self.slot_of[key], loaded=False, evicted=None)
+        self.counters.correction_loads += 1
         return self._load(key)
 
-    def prefetch(self, key: Key) -> Placement | None:
+    def prefetch(self, key: Key) -> SlotAssignment | None:
         """Bring `key` in ahead of its use (no hit or miss is counted until it is used).
 
         None when the policy declines: nothing resident is worth less than the prefetch."""
         if key in self.slot_of:
-            return Placement(self.slot_of[key], loaded=False, evicted=None)
+            return SlotAssignment(self.slot_of[key], loaded=False, evicted=None)
         if not self.policy.admit(key, self.slot_of.keys(), self._pins.keys(), full=not self._free):
             return None
         placement = self._load(key)
@@ -121,7 +118,7 @@ class Residency:
         self._unused_prefetches.add(key)
         return placement
 
-    def preload(self, key: Key) -> Placement:
+    def preload(self, key: Key) -> SlotAssignment:
         """Load one of the policy's initial residents (a load, but no speculation to judge)."""
         placement = self._load(key)
         self.counters.prefetch_loads += 1
@@ -150,7 +147,7 @@ class Residency:
         if self._pins[key] <= 0:
             del self._pins[key]
 
-    def _load(self, key: Key) -> Placement:
+    def _load(self, key: Key) -> SlotAssignment:
         victim = self.policy.victim(key, self.slot_of.keys(), self._pins.keys(), full=not self._free)
         evicted = None
         if victim is not None:
@@ -174,4 +171,4 @@ class Residency:
         if self._forward - self._evicted_at.get(key, -RELOAD_FORWARDS - 1) <= RELOAD_FORWARDS:
             self.counters.reloads += 1
         self.slots_used_peak = max(self.slots_used_peak, self.capacity - len(self._free))
-        return Placement(slot, loaded=True, evicted=evicted)
+        return SlotAssignment(slot, loaded=True, evicted=evicted)

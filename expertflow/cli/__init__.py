@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # a value an option's type refuses is an ExpertflowError too (cli.options)
         return int(args.func(args) or 0)
     except ExpertflowError as exc:
         print(f"expertflow: error: {exc}", file=sys.stderr)

@@ -12,8 +12,6 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
 from expertflow.bench.costs import measure_expert_costs
 from expertflow.bench.harness import run_bench
 from expertflow.bench.plots import write_plots
@@ -21,15 +19,17 @@ from expertflow.bench.report import (COLUMNS, PIPELINE_COLUMNS, VERSUS_COLUMNS, 
                                      title, versus_rows, write_results)
 from expertflow.bench.spec import ENGINE_SCHEDULERS, BenchConfig, CacheSize
 from expertflow.bench.systems import SYSTEMS
-from expertflow.cli.options import add_page_cache_option, page_cache
+from expertflow.cli.options import (add_decoding_options, add_device_options, add_model_option,
+                                    add_policy_setting_options, add_predictor_option, add_sweep_options,
+                                    add_threads_option, apply_threads, comma_list, model_or_embedded, page_cache)
 from expertflow.cli.report import print_json_line, print_table
-from expertflow.config import DTYPES, STORE_NAMES, default_store
+from expertflow.config import default_store
 from expertflow.datasets import load_prompts
-from expertflow.embedded import EMBEDDED_MODEL_DIR, shipped_predictor_for
+from expertflow.embedded import shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.outputs import check_output_dir
-from expertflow.cache.policies import cli_settings, setting_names
+from expertflow.cache.policies import cli_settings
 from expertflow.widen import widen_checkpoint
 
 DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
@@ -37,48 +37,29 @@ DEFAULT_SYSTEMS = "all-in-memory,accelerate,lru,ring,pregated,expertflow"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="every system side by side: throughput, memory, hit ratio")
-    p.add_argument("--model", default=EMBEDDED_MODEL_DIR,
-                   help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
+    add_model_option(p)
     p.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     p.add_argument("--prompts", type=int, default=16, help="number of prompts (default 16)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="skip the dataset's first N prompts (default 0; alpaca from 800 on is held out from the "
                         "shipped RPP's training)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--cache-experts", default=None, help="fast-tier slots, counts or %% of experts: 10%%,64 "
-                       "(default 10%%,25%%)")
-    sizes.add_argument("--memory-budget", default=None, metavar="SIZES",
-                       help="whole fast-tier budgets instead, sizes or %% of the all-in-memory footprint: 10%%,200MiB; "
-                            "the non-expert weights come first, the rest buys expert slots")
-    p.add_argument("--batch-size", default="1,4,16", help="sequences decoded together: 1,4,16")
-    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated from {', '.join(SYSTEMS)}")
-    p.add_argument("--store", choices=STORE_NAMES, default=None,
-                   help="slow tier for engine systems (default: disk on a CPU device, host RAM on CUDA)")
-    p.add_argument("--device", default="cpu", help="compute device of every system: cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="every system's weights (default auto: the checkpoint's own, as transformers loads it)")
-    add_page_cache_option(p)  # bypassed by default: the engine reads with O_DIRECT, accelerate runs in a memory
-                              # cgroup that bounds its page cache
-    p.add_argument("--predictor", type=Path, default=None, metavar="DIR",
-                   help="RPP for the expertflow system (default for the embedded model and its widened copies: "
-                        "its shipped RPP)")
+    add_decoding_options(p, sampling=False)  # every system decodes greedily: their tokens are compared
+    add_sweep_options(p, batch_size="1,4,16", cache_experts="10%,25%", memory_budget=True)
+    p.add_argument("--systems", type=comma_list("--systems"), default=DEFAULT_SYSTEMS, metavar="NAME[,NAME...]",
+                   help=f"comma-separated from {', '.join(SYSTEMS)} (default {DEFAULT_SYSTEMS})")
+    add_device_options(p)  # page cache bypassed by default: the engine reads with O_DIRECT, accelerate runs in a
+                           # memory cgroup that bounds its page cache
+    add_predictor_option(p)
     p.add_argument("--scheduler", default=None, choices=ENGINE_SCHEDULERS,
                    help="token scheduler of the expertflow system (default exhaustive: exact for units of up to "
                         "2 x 9, swap above)")
-    p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
-                   help="the expertflow system's forecast probability worth a prefetch (default 0.5)")
-    p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="a knob of the expertflow system's cache policy, repeatable: lead=3 (PLECConfig: "
-                        f"{setting_names('expertflow')})")
+    add_policy_setting_options(p)  # the expertflow systems' PLEC
     p.add_argument("--schedule-unit", type=int, default=2, help="batches regrouped together (default 2)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="bench a zero-padded copy with expert intermediate size N (cached under --widen-dir)")
     p.add_argument("--widen-dir", type=Path, default=None,
                    help="where widened copies are kept (default ~/.cache/expertflow/widened)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: steadier ratios)")
-    p.add_argument("--io-threads", type=int, default=1, metavar="N",
-                   help="expert transfers at once for engine systems whose policy prefetches (default 1)")
+    add_threads_option(p)  # each run's process sets the same
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="run the whole sweep N times, one after another, and report each point's median run "
                         "(this machine's speed drifts; default 1)")
@@ -91,20 +72,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cache_sizes(args: argparse.Namespace) -> list[CacheSize]:
     if args.memory_budget is not None:
-        return [CacheSize.parse(s, whole_tier=True) for s in _names(args.memory_budget)]
-    return [CacheSize.parse(s) for s in _names(args.cache_experts or "10%,25%")]
+        return [CacheSize.parse(s, whole_tier=True) for s in args.memory_budget]
+    return [CacheSize.parse(s) for s in args.cache_experts]
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)  # before the sweep, which writes partial results as it goes
-    args.model = resolve_model(args.model)  # once: each step below and each run's subprocess read the directory
+    # Resolved once: each step below and each run's subprocess read the directory.
+    args.model = resolve_model(model_or_embedded(args.model))
     model = _widened(args) if args.widen is not None else args.model
-    torch.set_num_threads(max(args.threads, 1))
+    apply_threads(args.threads)
     prompts = _prompt_ids(model, args.dataset, args.prompts, args.skip)  # bad input fails before any timing
     costs = measure_expert_costs(model) if (args.store or default_store(args.device)) == "disk" else None
     config = BenchConfig(
-        model=model, systems=_names(args.systems), cache_sizes=_cache_sizes(args),
-        batch_sizes=[_int(b, "--batch-size") for b in _names(args.batch_size)], out=args.out, store=args.store, device=args.device,
+        model=model, systems=list(args.systems), cache_sizes=_cache_sizes(args),
+        batch_sizes=list(args.batch_size), out=args.out, store=args.store, device=args.device,
         page_cache=page_cache(args), dtype=args.dtype, predictor=_predictor(args),
         **({"scheduler": args.scheduler} if args.scheduler else {}), schedule_unit=args.schedule_unit,
         max_new_tokens=args.max_new_tokens, threads=args.threads, io_threads=args.io_threads, repeats=args.repeats,
@@ -154,13 +136,3 @@ def _prompt_ids(model: Path, dataset: str, count: int, skip: int = 0) -> list[li
     tokenizer = AutoTokenizer.from_pretrained(model)
     return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int(text: str, flag: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ExpertflowError(f"{flag} takes whole numbers like 1,4,16; got {text!r}") from None

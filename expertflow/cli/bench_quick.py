@@ -10,15 +10,14 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from expertflow.api import ExpertflowModel
-from expertflow.cli.report import human_bytes, print_json_line, print_table
-from expertflow.config import EngineConfig
+from expertflow.cli.options import (add_decoding_options, add_model_option, add_threads_option, apply_threads,
+                                    model_or_embedded)
+from expertflow.cli.report import print_json_line, print_table
+from expertflow.config import EngineConfig, human_bytes
 from expertflow.datasets import load_prompts
-from expertflow.embedded import EMBEDDED_MODEL_DIR
-from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 
 
@@ -43,23 +42,19 @@ RUNS = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench-quick", help="tokens/s and peak expert memory: all-in-memory vs lru")
-    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
-                        help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
+    add_model_option(parser)
     parser.add_argument("--dataset", default="alpaca", help="prompt set name or file (default alpaca)")
     parser.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: steadier ratios on a shared machine)")
+    add_decoding_options(parser, sampling=False)  # greedy: every configuration's tokens are compared
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise ExpertflowError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     prompts = load_prompts(args.dataset, limit=args.prompts)
-    model = resolve_model(args.model)  # once, not per configuration: a hub id may need the network
+    model = resolve_model(model_or_embedded(args.model))  # once, not per configuration: a hub id may need the network
     results: list[dict] = []
     for spec in tqdm(RUNS, desc="bench-quick", unit="config", disable=None):
         sizes = (results[0]["all_experts"], results[0]["min_experts"]) if results else None
@@ -93,11 +88,11 @@ def _measure(spec: QuickRun, model_dir: Path, prompts: list[str], max_new_tokens
     outs = [model.generate(input_ids=[p], max_new_tokens=max_new_tokens) for p in ids]
     seconds = sum(o.stats.seconds for o in outs)
     tokens = sum(o.stats.new_tokens for o in outs)
-    hits, misses = sum(o.stats.hits for o in outs), sum(o.stats.misses for o in outs)
+    hits, corrections = sum(o.stats.hits for o in outs), sum(o.stats.correction_loads for o in outs)
     return {
         "system": spec.label, "policy": spec.policy, "store": spec.store,
         "cache_experts": outs[-1].stats.cache_experts, "tokens_per_s": tokens / seconds,
-        "hit_ratio": hits / (hits + misses) if hits + misses else 1.0,
+        "hit_ratio": hits / (hits + corrections) if hits + corrections else 1.0,
         "expert_loads": sum(o.stats.expert_loads for o in outs),
         "peak_expert_bytes": outs[-1].stats.peak_expert_bytes, "all_expert_bytes": outs[-1].stats.all_expert_bytes,
         "all_experts": model.num_moe_layers * model.num_experts, "min_experts": model.num_moe_layers * model.top_k,

@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 
 from expertflow.api import ExpertflowModel, check_prompt
-from expertflow.cli.options import add_engine_options, apply_threads, engine_config
-from expertflow.cli.report import human_bytes, print_json_line, print_note, print_table
+from expertflow.cli.options import add_decoding_options, add_engine_options, apply_threads, engine_config
+from expertflow.cli.report import print_json_line, print_note, print_table
+from expertflow.config import human_bytes
 from expertflow.datasets import load_prompts
-from expertflow.engine import check_temperature
+from expertflow.engine.sampling import check_temperature
 from expertflow.errors import ExpertflowError
 from expertflow.scheduler import SCHEDULERS
 from expertflow.stats import RunStats
@@ -24,14 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--prompts-file", type=Path, metavar="FILE",
                         help="many prompts: jsonl with a `prompt` field, or one prompt per line")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch with --prompts-file")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="fifo",
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="fifo",
                         help="token scheduler regrouping sequences between batches (default fifo)")
     parser.add_argument("--schedule-unit", type=int, default=2, metavar="U",
                         help="batches regrouped together (default 2, as in the paper)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="one unit at a time: predict and schedule in line instead of on a worker")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    add_decoding_options(parser)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.set_defaults(func=run)
@@ -113,7 +113,7 @@ def figure_rows(stats: RunStats) -> list[tuple[str, str]]:
         ("hit ratio", f"{stats.hit_ratio:.3f}"),
         ("expert loads", f"{stats.expert_loads}"),
         ("prefetch loads / hits / wasted", f"{stats.prefetch_loads} / {stats.prefetch_hits} / {stats.wasted_prefetches}"),
-        ("correction (demand) loads", f"{stats.correction_loads}"),
+        ("correction loads", f"{stats.correction_loads}"),
         ("transfer wait", f"{stats.transfer_wait_seconds:.3f} s"),
         ("slow tier busy", _busy(stats)),
         ("bytes moved", human_bytes(stats.bytes_moved)),

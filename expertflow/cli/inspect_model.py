@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.cache.policies import POLICIES
+from expertflow.cli.options import add_model_option, model_or_embedded
+from expertflow.cli.report import print_json_line, print_table
+from expertflow.config import human_bytes
 from expertflow.conformance import inspect_model
-from expertflow.embedded import EMBEDDED_MODEL_DIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="report architecture, experts, checkpoint layout, minimum cache")
-    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
-                        help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
+    add_model_option(parser)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_model(args.model)
-    minimum = ", ".join(f"{name} {n}" for name, n in report.min_cache_experts.items())
+    model = model_or_embedded(args.model)
+    report = inspect_model(model)
+    minimum = ", ".join(f"{name} {n}" for name, n in report.min_cache_experts.items() if name in POLICIES)
     rows = [
         ("architecture", f"{report.architecture} ({report.model_type})"),
         ("layers", _layers(report)),
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
                        + (f"sharded ({report.shards} files)" if report.sharded else "single file")),
         ("minimum cache", f"{minimum} experts"),
     ]
-    print_table(f"{args.model}", ("figure", "value"), rows)
+    print_table(f"{model}", ("figure", "value"), rows)
     if args.json:
         print_json_line(report.as_dict())
     return 0

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from expertflow.cli.options import add_threads_option, apply_threads
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.outputs import check_output_dir
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--distill-model", default=None, metavar="MODEL",
                    help="the traced MoE model (directory or hub id): add a KL term to its router softmax (soft "
                         "targets; the whole model is loaded in memory once to compute them)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_option(t)
     for flag, kind in (("distill-weight", float), ("distill-temperature", float), ("listwise-weight", float),
                        ("d-model", int), ("d-ff", int),
                        ("num-heads", int), ("encoder-layers", int),
@@ -65,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--baseline-traces", nargs="+", type=Path, default=None, metavar="FILE",
                    help="build the popularity and lookup tables from these traces (the predictor's training "
                         "traces) instead of the predictor directory's baselines.safetensors")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_option(e)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     e.set_defaults(func=run_eval)
 
@@ -136,8 +137,7 @@ def _teacher(model_dir: str | None, traces: list[TraceSet], config: PredictorCon
 
 def run_train(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)  # before hours of training, not after
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     traces = _read_all(args.traces)
     embeddings = _embeddings(args.init_embeddings)
     start = _start(args, traces)
@@ -179,8 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     predictor = RoutingPredictor.load(args.predictor)
     traces = read_traces(args.traces)
     if not traces.sequences:

@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from expertflow.cli.options import add_sweep_options, add_threads_option, comma_list
 from expertflow.errors import ExpertflowError
 from expertflow.outputs import check_output_file, write_atomic
 from expertflow.scheduler.evaluate import Paths, Row, ScheduleEvalConfig, evaluate, generated_paths
@@ -28,32 +29,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("schedule-eval", help="distinct experts per batch under each token scheduler, "
                                                     "replayed from a trace file")
     p.add_argument("--traces", required=True, type=Path, help="trace file (from `expertflow trace`)")
-    p.add_argument("--batch-size", type=_int_list, default=None, metavar="B[,B...]", help="default 4,8,16")
-    p.add_argument("--schedule-unit", type=_int_list, default=None, metavar="U[,U...]",
-                   help="batches regrouped together (default 2,4)")
-    p.add_argument("--schedulers", type=_name_list, default=None, metavar="NAME[,NAME...]",
-                   help="default fifo,similarity,swap")
+    add_sweep_options(p, batch_size=_joined(ScheduleEvalConfig.batch_sizes),
+                      schedule_unit=_joined(ScheduleEvalConfig.units))
+    p.add_argument("--schedulers", type=comma_list("--schedulers"), default=None, metavar="NAME[,NAME...]",
+                   help=f"default {_joined(ScheduleEvalConfig.schedulers)}")
     p.add_argument("--predictor", type=Path, default=None,
                    help="predictor directory: also schedule from its predicted routing, as top-k paths and as "
                         "probabilities (scored on the true one)")
     p.add_argument("--exact-nodes", type=int, default=None, help="branch-and-bound nodes per exact instance")
     p.add_argument("--exact-instances", type=int, default=None, help="instances per cell for the exact solver")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor")
+    add_threads_option(p)  # the predictor's
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="bar chart of the reductions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=run_schedule_eval)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _joined(values: tuple) -> str:
+    """A config's default sweep as its flag writes it: (4, 8, 16) -> '4,8,16'."""
+    return ",".join(map(str, values))
 
 
 def _config(args: argparse.Namespace) -> ScheduleEvalConfig:
@@ -72,11 +66,11 @@ def predicted_probabilities(traces: TraceSet, directory: Path, threads: int) -> 
     from expertflow.predictor.runtime import RoutingPredictor
 
     torch.set_num_threads(threads)
-    predictor = RoutingPredictor.load(directory)
-    h, c = traces.header, predictor.config
-    if (h.num_layers, h.num_experts, h.top_k) != (c.num_layers, c.num_experts, c.top_k):
-        raise ExpertflowError(f"the trace has L={h.num_layers} E={h.num_experts} K={h.top_k} but the predictor "
-                              f"predicts L={c.num_layers} E={c.num_experts} K={c.top_k}")
+    h = traces.header
+    predictor = RoutingPredictor.load(directory, expect=(h.num_layers, h.num_experts))
+    if predictor.config.top_k != h.top_k:
+        raise ExpertflowError(f"predictor {directory} was trained on top-{predictor.config.top_k} routing but the "
+                              f"traces route top-{h.top_k}; train one on this model's traces")
     return [predictor.predict_array(seq.token_ids)[len(seq.prompt_ids):] for seq in traces.sequences]
 
 

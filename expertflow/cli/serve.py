@@ -13,11 +13,11 @@ from expertflow.cli.options import add_engine_options, apply_threads, engine_con
 from expertflow.cli.report import print_note
 from expertflow.config import parse_size
 from expertflow.errors import ExpertflowError
+from expertflow.scheduler import SERVE_SCHEDULERS  # not from expertflow.server: --help works without the serve extra
 
 if TYPE_CHECKING:
     from expertflow.server import ServeConfig
 
-SERVE_SCHEDULERS = ("fifo", "similarity", "swap", "exhaustive")  # kept equal to expertflow.server.SERVE_SCHEDULERS by a test
 API_KEY_ENV = "EXPERTFLOW_API_KEY"   # read when --api-key is not given, as vLLM reads VLLM_API_KEY
 
 

@@ -7,39 +7,38 @@ import io
 import time
 from pathlib import Path
 
-from expertflow.cli.report import human_bytes, print_json_line, print_table
+from expertflow.cli.options import (add_model_option, add_policy_setting_options, add_sweep_options,
+                                    add_threads_option, apply_threads, comma_list)
+from expertflow.cli.report import print_json_line, print_table
+from expertflow.config import human_bytes
 from expertflow.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_PREDICTOR_DIR, shipped_predictor_for
 from expertflow.errors import ExpertflowError
 from expertflow.hub import resolve_model
 from expertflow.outputs import check_output_file, write_atomic
-from expertflow.cache.policies import POLICIES, cli_settings, policy_settings, setting_names
+from expertflow.cache.policies import POLICIES, POLICY_NAMES, cli_settings, policy_class, policy_settings
+from expertflow.cache.policies.resident import AllResidentPolicy
 from expertflow.simulator import SimResult, sweep
 from expertflow.traces import TraceSet, read_traces
 
-DEFAULT_POLICIES = "lru,lfu,ring,pregated,expertflow,belady"
+DEFAULT_POLICIES = "lru,lfu,ring,pregated,expertflow,belady"  # rows report the names given: `expertflow` is plec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="replay routing traces through cache policies")
     p.add_argument("--traces", required=True, type=Path, help="trace file from expertflow trace")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
-    p.add_argument("--cache-experts", default="10%,25%,50%", help="slots, or %% of all experts: 26,25%%,...")
-    p.add_argument("--batch-size", default="1", help="sequences decoded together: 1,4,8,16")
+    p.add_argument("--policies", type=comma_list("--policies"), default=DEFAULT_POLICIES, metavar="NAME[,NAME...]",
+                   help=f"comma-separated, from every policy but all-resident (default {DEFAULT_POLICIES})")
+    add_sweep_options(p, batch_size="1", cache_experts="10%,25%,50%")
     p.add_argument("--predictor", default=None,
-                   help="RPP directory for the expertflow policy (default for traces of the embedded model: "
+                   help="RPP directory for policy plec (expertflow) (default for traces of the embedded model: "
                    "its shipped RPP); or 'oracle' (the true routing: an upper bound) or 'tlp' (the previous "
                    "token's routing)")
     p.add_argument("--transfer-ratio", type=float, default=None, metavar="X",
                    help="expert loads that fit in one layer's compute (default: measured on this machine)")
-    p.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
-                   help="policy expertflow: the forecast probability worth a prefetch (default 0.5)")
-    p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="a cache policy knob, repeatable: lead=3 (expertflow's PLECConfig: "
-                        f"{setting_names('expertflow')})")
-    p.add_argument("--model", default=None, help="the traced model, a checkpoint directory or hub id (expert "
-                   "size, measuring; default: the embedded tiny-mixtral-32e)")
+    add_policy_setting_options(p)
+    add_model_option(p, role="the traced model (its expert size; the transfer ratio is measured on it), a ")
     p.add_argument("--include-prefill", action="store_true", help="count prefill forwards too (always replayed)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the predictor and measuring")
+    add_threads_option(p)  # the predictor's and the measurement's
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="hit ratio vs cache size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
@@ -54,15 +53,13 @@ def run(args: argparse.Namespace) -> int:
     _traces_ok(traces)
     model = resolve_model(args.model) if args.model is not None else None
     h = traces.header
-    caches = [_cache_size(text, h.num_layers * h.num_experts) for text in _items(args.cache_experts)]
-    batches = [_positive_int(text, "--batch-size") for text in _items(args.batch_size)]
+    caches = [_cache_size(text, h.num_layers * h.num_experts) for text in args.cache_experts]
+    batches = list(args.batch_size)
     settings = _settings(cli_settings(args.prefetch_threshold, args.policy_setting), policies)
-    if "expertflow" in policies and args.predictor is None:
+    if any(policy_class(name).uses_forecast for name in policies) and args.predictor is None:
         args.predictor = _embedded_predictor(traces, model)
-    import torch  # the simulator is pure Python; only the predictor and the measurement need torch
-
-    torch.set_num_threads(args.threads)
-    from expertflow.cli.calibrate import expert_bytes, measure_transfer_ratio, predictions_for
+    apply_threads(args.threads)
+    from expertflow.calibrate import expert_bytes, measure_transfer_ratio, predictions_for
 
     predictions = predictions_for(traces, args.predictor) if args.predictor else None
     ratio = args.transfer_ratio if args.transfer_ratio is not None else measure_transfer_ratio(model)
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     size = expert_bytes(model)
     title = (f"{args.traces.name}: {len(traces.sequences)} sequences, transfer ratio {ratio:.2f} loads/layer, "
              f"predictor {args.predictor or '-'}, {time.perf_counter() - start:.1f} s")
-    print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "demand", "prefetch used", "wasted",
+    print_table(title, ("policy", "cache", "batch", "hit ratio", "loads", "correction loads", "prefetch used", "wasted",
                         "stale", "re-loads", "bytes moved", "loads/belady"), [_row(r, size) for r in results])
     if args.plot is not None:
         _plot(results, args.plot, title)
@@ -81,14 +78,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(settings: dict[str, float], policies: list[str]) -> dict[str, dict[str, float]]:
-    """--prefetch-threshold / --policy-setting as PLEC's settings, checked now (one line, before any replay)."""
+    """--prefetch-threshold / --policy-setting as the settings of each policy that has them (PLEC, by whichever
+    name it was given), checked now (one line, before any replay)."""
     if not settings:
         return {}
-    if "expertflow" not in policies:
-        raise ExpertflowError("--prefetch-threshold and --policy-setting apply to policy expertflow; "
+    tunable = [name for name in policies if policy_class(name).settings_class is not None]
+    if not tunable:
+        raise ExpertflowError("--prefetch-threshold and --policy-setting apply to policy plec (or expertflow); "
                               "add it to --policies")
-    policy_settings("expertflow", settings)
-    return {"expertflow": settings}
+    for name in tunable:
+        policy_settings(name, settings)
+    return {name: settings for name in tunable}
 
 
 def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:
@@ -104,46 +104,28 @@ def _embedded_predictor(traces: TraceSet, model: Path | None) -> str:
                           "(or --predictor oracle for the upper bound)")
 
 
-def _items(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise ExpertflowError(f"empty list {text!r}; give comma-separated values like 1,4,8")
-    return items
-
-
-def _policies(text: str) -> list[str]:
-    names = _items(text)
-    unknown = [n for n in names if n not in POLICIES or n == "none"]
+def _policies(names: tuple[str, ...]) -> list[str]:
+    """The policies to replay, by any of their names; all-resident (none) keeps every expert: nothing to replay."""
+    unknown = [n for n in names if n not in POLICY_NAMES or policy_class(n) is AllResidentPolicy]
     if unknown:
-        choices = ", ".join(n for n in POLICIES if n != "none")
-        raise ExpertflowError(f"unknown policy {unknown[0]!r} for simulate; choose from {choices}")
-    return names
-
-
-def _positive_int(text: str, flag: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ExpertflowError(f"{flag} takes positive integers, got {text!r}")
-    return int(text)
+        replayable = ", ".join(name for name, cls in POLICIES.items() if cls is not AllResidentPolicy)
+        raise ExpertflowError(f"unknown policy {unknown[0]!r} for simulate; choose from {replayable} "
+                              "(expertflow is plec)")
+    return list(names)
 
 
 def _cache_size(text: str, total: int) -> int:
-    """'26' slots, or '10%' of all experts (rounded)."""
+    """'26' slots, or '10%' of all experts (rounded); checked by the option's parser."""
     if text.endswith("%"):
-        try:
-            share = float(text[:-1])
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 100:
-            raise ExpertflowError(f"--cache-experts {text!r}: a percentage must be in (0, 100]")
-        return max(1, round(share / 100 * total))
-    return _positive_int(text, "--cache-experts")
+        return max(1, round(float(text[:-1]) / 100 * total))
+    return int(text)
 
 
 def _row(r: SimResult, expert_bytes: int) -> list[str]:
     c = r.counters
     return [r.config.policy, str(r.config.cache_experts), str(r.config.batch_size), f"{c.hit_ratio:.3f}",
-            str(c.loads), str(c.demand_loads), str(c.prefetch_hits), str(c.wasted_prefetches), str(c.stale_prefetches),
-            str(c.reloads), human_bytes(c.loads * expert_bytes), f"{r.loads_vs_belady:.2f}"]
+            str(c.loads), str(c.correction_loads), str(c.prefetch_hits), str(c.wasted_prefetches),
+            str(c.stale_prefetches), str(c.reloads), human_bytes(c.loads * expert_bytes), f"{r.loads_vs_belady:.2f}"]
 
 
 def _json(r: SimResult, expert_bytes: int) -> dict:
@@ -151,7 +133,9 @@ def _json(r: SimResult, expert_bytes: int) -> dict:
     c = r.counters
     return {"policy": r.config.policy, "cache_experts": r.config.cache_experts, "batch_size": r.config.batch_size,
             "hit_ratio": c.hit_ratio, "loads": c.loads, "bytes_moved": c.loads * expert_bytes,
-            "loads_vs_belady": r.loads_vs_belady, "demand_loads": c.demand_loads, "prefetch_loads": c.prefetch_loads,
+            "loads_vs_belady": r.loads_vs_belady, "correction_loads": c.correction_loads,
+            "demand_loads": c.correction_loads,  # the old name, for scripts that read it
+            "prefetch_loads": c.prefetch_loads,
             "prefetch_hits": c.prefetch_hits, "wasted_prefetches": c.wasted_prefetches,
             "stale_prefetches": c.stale_prefetches, "reloads": c.reloads}
 

@@ -9,22 +9,22 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from expertflow.cli.options import add_decoding_options, add_model_option
 from expertflow.datasets import NAMED_DATASETS, load_prompts
 from expertflow.errors import ExpertflowError
 from expertflow.outputs import check_output_file
 from expertflow.traces import TraceSet, read_traces, summarize
-from expertflow.tracing import TracingConfig, collect_traces, encode_prompts
+from expertflow.trace_collection import TracingConfig, collect_traces, encode_prompts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("trace", help="record the experts every token is routed to, over a prompt set")
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded tiny-mixtral-32e)")
+    add_model_option(p)
     p.add_argument("--dataset", required=True, help=f"{', '.join(NAMED_DATASETS)}, or a .jsonl/.txt/.json path")
     p.add_argument("--samples", type=int, default=None, help="number of prompts (default: all)")
     p.add_argument("--skip", type=int, default=0, help="skip this many prompts first (for held-out sets)")
     p.add_argument("--runs", type=int, default=None, help="runs per prompt (sampling needs --temperature > 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
+    add_decoding_options(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="prompts generated together")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts keep head and tail")

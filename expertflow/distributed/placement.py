@@ -5,8 +5,9 @@ activates fewer distinct experts) applied across replicas: a request goes to the
 batch activates the experts it is predicted to use, so each replica's expert cache holds a narrower working
 set. A slack on the running-request counts keeps one replica from taking everything.
 
-Pure Python over (layer, expert) keys, like the policies and schedulers; the server and the offline bench
-(bench/placement.py) drive the same classes. Shape legend: S prompt tokens, L layers, E experts, K top_k.
+Pure Python over (layer, expert) keys, like the policies and schedulers; the server drives them (the offline
+study that chose the defaults is retired: docs/results/README.md, "Retired studies").
+Shape legend: S prompt tokens, L layers, E experts, K top_k.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class RoutingAware(Placement):
     Metrics: `jaccard` |P & W| / |P | W| (higher is better), `hamming` |P ^ W| and `new` |P - W| (the
     distinct pairs the request adds to the replica; lower is better), W the replica's working-set pairs.
     Ties go to the less loaded replica, then the lower index. The defaults (`new`, slack 2) loaded fewest
-    experts in bench/placement.py on alpaca traces at 2 and 4 replicas."""
+    experts replayed on alpaca traces at 2 and 4 replicas (a retired study, docs/results/README.md)."""
 
     name = "routing"
     METRICS = ("jaccard", "hamming", "new")

@@ -24,11 +24,11 @@ import torch
 from ray.exceptions import ActorDiedError, RayError
 
 from expertflow.api import ExpertflowModel
-from expertflow.batching import BatchRunner, Sequence
+from expertflow.engine.steps import BatchRunner, Sequence
 from expertflow.config import EngineConfig
 from expertflow.distributed.placement import (Placement, ReplicaSet, RoundRobin, RoutingPath, placement_class,
                                               prompt_path)
-from expertflow.engine import Sampler
+from expertflow.engine.sampling import Sampler
 from expertflow.scheduler import scheduler_class
 from expertflow.server import ServeConfig
 from expertflow.server.loop import EngineLoop, Listener
@@ -255,7 +255,7 @@ def sum_cache_figures(reports: list[dict]) -> dict:
     if not reports:
         return {}
     total = {key: sum(r[key] for r in reports) for key in reports[0] if key != "hit_ratio"}
-    uses = total["hits"] + total["misses"]
+    uses = total["hits"] + total["correction_loads"]
     return {"hit_ratio": total["hits"] / uses if uses else 1.0, **total}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expertflow.errors import ExpertflowError
 from expertflow.predictor.incremental import StepState, prefill, step
 from expertflow.predictor.model import PredictorConfig, RoutingPathModel, load_model
 
@@ -29,8 +30,16 @@ class RoutingPredictor:
         self.device = device
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "RoutingPredictor":
-        return cls(load_model(directory), device)
+    def load(cls, directory: str | Path, device: str = "cpu",
+             expect: tuple[int, int] | None = None) -> "RoutingPredictor":
+        """The predictor saved in `directory`; with `expect` (layers, experts) of the model it will forecast,
+        refused unless it forecasts that shape."""
+        model = load_model(directory)
+        shape = (model.config.num_layers, model.config.num_experts)
+        if expect is not None and shape != tuple(expect):
+            raise ExpertflowError(f"predictor {directory} forecasts {shape[0]} layers x {shape[1]} experts but the "
+                                  f"model has {expect[0]} x {expect[1]}; train one on this model's traces")
+        return cls(model, device)
 
     @property
     def config(self) -> PredictorConfig:

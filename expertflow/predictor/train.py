@@ -160,7 +160,7 @@ def _loss(model: RoutingPathModel, batch: list, num_experts: int, config: TrainC
         # The evaluation and the cache read each token's top-k: a softmax over the layer's experts with the
         # routed set as its target ranks them against each other, which the per-expert BCE does only
         # indirectly. Shift-invariant but not scale-invariant: at weight 1 it sharpened the logits away from the
-        # BCE's calibration and lowered validation recall (docs/results/predictor.md, session 6).
+        # BCE's calibration and lowered validation recall (docs/results/predictor.md).
         listwise = -(targets * F.log_softmax(logits, -1)).sum(-1) / k                 # (B, S, L)
         loss = loss + config.listwise_weight * (listwise * valid).sum() / count
     top = logits.topk(k, dim=-1).indices                                        # (B, S, L, K)

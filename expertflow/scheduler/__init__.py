@@ -19,6 +19,9 @@ from expertflow.scheduler.swap import SwapScheduler
 SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.name: cls for cls in (FifoScheduler, SimilarityScheduler, SwapScheduler, ExhaustiveScheduler, ExactScheduler)
 }
+# The schedulers a server runs live, every step (exact's branch and bound is for offline evaluation). Here, not in
+# expertflow.server, so that `expertflow serve --help` lists them without the serve extra installed.
+SERVE_SCHEDULERS: tuple[str, ...] = tuple(name for name in SCHEDULERS if name != ExactScheduler.name)
 
 
 def scheduler_class(name: str) -> type[Scheduler]:
@@ -28,5 +31,5 @@ def scheduler_class(name: str) -> type[Scheduler]:
         raise ExpertflowError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
 
 
-__all__ = ["SCHEDULERS", "ExactLimitError", "Grouping", "Scheduler", "check_unit", "distinct_pairs",
+__all__ = ["SCHEDULERS", "SERVE_SCHEDULERS", "ExactLimitError", "Grouping", "Scheduler", "check_unit", "distinct_pairs",
            "expected_distinct", "routing_paths", "routing_probabilities", "scheduler_class", "total_distinct"]

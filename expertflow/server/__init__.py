@@ -1,6 +1,6 @@
 """`expertflow serve`: an OpenAI-compatible HTTP server over the batched, scheduled engine.
 
-Parts: `loop.EngineLoop` (the engine thread that owns a DecodeSession), `service.Service` (requests to
+Parts: `loop.EngineLoop` (the engine thread that owns a StepLoop), `service.Service` (requests to
 sequences and events to responses), `app.create_app` (the routes). `build_service` wires them."""
 
 from __future__ import annotations
@@ -8,15 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from expertflow.api import ExpertflowModel
-from expertflow.batching import BatchRunner
-from expertflow.scheduler import scheduler_class
+from expertflow.engine.steps import BatchRunner
+from expertflow.scheduler import SERVE_SCHEDULERS, scheduler_class
 from expertflow.server.loop import EngineLoop
 from expertflow.server.metrics import ServerMetrics
 from expertflow.server.service import Service
-
-
-# Live token schedulers a server can run every step (exact branch and bound is for offline evaluation).
-SERVE_SCHEDULERS = ("fifo", "similarity", "swap", "exhaustive")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from expertflow.batching import Sequence
+from expertflow.engine.steps import Sequence
 from expertflow.server.loop import Listener
 
 

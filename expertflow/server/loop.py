@@ -1,9 +1,9 @@
-"""The engine thread: it owns one `DecodeSession` and is the only thread that runs the model.
+"""The engine thread: it owns one `StepLoop` and is the only thread that runs the model.
 
 HTTP handlers (on the asyncio loop) hand it sequences and calls through a thread-safe inbox; between two
 rounds it takes everything waiting there, so a request that arrives while others decode joins at the next
 step. Tokens and outcomes go back through each request's `Listener`, which crosses to asyncio with
-`loop.call_soon_threadsafe`. A failure inside a round fails the requests in flight (`session.abort()`),
+`loop.call_soon_threadsafe`. A failure inside a step fails the requests in flight (`session.abort()`),
 and the loop goes on serving."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
-from expertflow.batching import BatchRunner, Sequence
-from expertflow.decode_session import DecodeSession
+from expertflow.engine.steps import BatchRunner, Sequence
+from expertflow.engine.loop import StepLoop
 from expertflow.server.metrics import cache_figures
 from expertflow.server.scoring import token_logprobs
 
@@ -109,7 +109,7 @@ class EngineLoop:
                 if session.busy:
                     self._round(session)
 
-    def _take_inbox(self, session: DecodeSession, block: bool) -> bool:
+    def _take_inbox(self, session: StepLoop, block: bool) -> bool:
         """Admit queued sequences and run queued calls; False once asked to stop. Blocks only when idle."""
         while True:
             try:
@@ -126,9 +126,9 @@ class EngineLoop:
             else:
                 self._run_call(item)
 
-    def _round(self, session: DecodeSession) -> None:
+    def _round(self, session: StepLoop) -> None:
         try:
-            session.round()
+            session.step()
         except Exception as exc:  # a failure inside the engine: fail what was in flight, keep serving
             log.exception("engine round failed; failing the requests in flight")
             self._deliver(session)
@@ -136,7 +136,7 @@ class EngineLoop:
             return
         self._deliver(session)
 
-    def _deliver(self, session: DecodeSession) -> None:
+    def _deliver(self, session: StepLoop) -> None:
         for seq in session.finished:
             listener = self._listeners.pop(seq.index)
             if seq.error is not None:  # its batch failed inside the engine; the session went on

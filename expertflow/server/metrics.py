@@ -64,8 +64,8 @@ class ServerMetrics:
 
 def cache_figures(figures: CacheFigures) -> dict:
     c = figures.counters
-    uses = c.hits + c.misses
-    return {"hit_ratio": c.hits / uses if uses else 1.0, "hits": c.hits, "misses": c.misses,
+    return {"hit_ratio": c.hit_ratio, "hits": c.hits, "correction_loads": c.correction_loads,
+            "misses": c.correction_loads,  # the old name, for scripts that read it
             "loads": c.loads, "prefetch_loads": c.prefetch_loads, "evictions": c.evictions,
             "bytes_moved": figures.bytes_moved, "capacity_experts": figures.capacity_experts,
             "fast_tier_bytes": figures.capacity_experts * figures.expert_bytes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from expertflow.engine import check_request
+from expertflow.engine.sampling import check_request
 from expertflow.errors import ExpertflowError
 from expertflow.server.errors import APIError, invalid
 from expertflow.server.schemas import ChatMessage

@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import torch
 
-from expertflow.engine import Engine
+from expertflow.engine.runner import DecoderRunner
 from expertflow.server.schemas import Logprobs
 
 
 @torch.inference_mode()
-def token_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
+def token_logprobs(engine: DecoderRunner, ids: list[int]) -> torch.Tensor:
     """(S, V) log-softmax of the next-token logits after each prefix of `ids`. Runs on the engine thread:
     a forward outside the session leaves nothing behind, as every forward overwrites all the routing the
     session's recorder reads and the cache is told a step begins, as the engine's own forward does."""

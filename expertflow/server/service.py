@@ -13,8 +13,8 @@ from typing import Any
 from anyio import CapacityLimiter, to_thread
 
 from expertflow.api import ExpertflowModel
-from expertflow.batching import Sequence
-from expertflow.engine import Sampler
+from expertflow.engine.steps import Sequence
+from expertflow.engine.sampling import Sampler
 from expertflow.server import schemas
 from expertflow.server.errors import APIError, server_error
 from expertflow.server.backend import EngineBackend

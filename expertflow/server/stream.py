@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from expertflow.batching import Sequence
+from expertflow.engine.steps import Sequence
 
 Event = tuple[str, int, object]
 

@@ -19,6 +19,22 @@ POLICIES: dict[str, type[CachePolicy]] = {
     cls.name: cls
     for cls in (AllResidentPolicy, LRUPolicy, LFUPolicy, RingPolicy, PregatedPolicy, PLECPolicy, BeladyPolicy)
 }
+# The names the CLI, the API and the bench have spelled since the start: valid for good (a contract, so no
+# deprecation note), and what outputs report when a user passes them.
+POLICY_ALIASES: dict[str, str] = {"none": AllResidentPolicy.name, "expertflow": PLECPolicy.name}
+POLICY_NAMES: tuple[str, ...] = (*POLICIES, *POLICY_ALIASES)   # every name a policy can be asked for by
+
+
+def policy_names_help() -> str:
+    """The policies for --help: canonical names, then each alias with the name it stands for."""
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in POLICY_ALIASES.items())
+    return f"{', '.join(POLICIES)} (aliases: {aliases})"
+
+
+def _spelled(name: str) -> str:
+    """A canonical name with its aliases, for messages: `plec (or expertflow)`."""
+    aliases = [alias for alias, target in POLICY_ALIASES.items() if target == name]
+    return f"{name} (or {', '.join(aliases)})" if aliases else name
 
 
 def policy_settings(name: str, settings: Mapping[str, object]) -> object | None:
@@ -30,7 +46,7 @@ def policy_settings(name: str, settings: Mapping[str, object]) -> object | None:
     if cls.settings_class is None:
         raise ExpertflowError(f"policy {name!r} has no settings ({', '.join(settings)} given); "
                               f"{', '.join(sorted(settings))} applies to policy "
-                              f"{' or '.join(n for n, c in POLICIES.items() if c.settings_class)}")
+                              f"{' or '.join(_spelled(n) for n, c in POLICIES.items() if c.settings_class)}")
     known = {f.name for f in fields(cls.settings_class)}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -80,10 +96,12 @@ def build_policy(name: str, capacity: int, layers: Sequence[int], num_experts: i
 
 
 def policy_class(name: str) -> type[CachePolicy]:
+    """The class a policy name (canonical or alias) stands for."""
     try:
-        return POLICIES[name]
+        return POLICIES[POLICY_ALIASES.get(name, name)]
     except KeyError:
-        raise ExpertflowError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+        raise ExpertflowError(f"unknown policy {name!r}; choose one of {policy_names_help()}") from None
 
 
-__all__ = ["POLICIES", "CachePolicy", "Forecast", "Key", "build_policy", "policy_class", "policy_settings", "cli_settings"]
+__all__ = ["POLICIES", "POLICY_ALIASES", "POLICY_NAMES", "CachePolicy", "Forecast", "Key", "build_policy",
+           "policy_class", "policy_names_help", "policy_settings", "cli_settings"]

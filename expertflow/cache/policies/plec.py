@@ -1,35 +1,9 @@
-"""`expertflow`: Predictive Locality-aware Expert Caching (PLEC) with run-time correction (paper 3.4).
+"""Predictive Locality-aware Expert Caching (PLEC, paper 3.4): the `plec` policy (alias `expertflow`).
 
-Every resident holds its slot by a keep value, the discounted chance of its next use (BETA per layer of
-distance to it). For a key whose layer runs d layers from now in this forward, with forecast p:
-    value = p * BETA**d + (1 - p) * later(d + L)
-and for a key whose layer already ran (d <= 0) `later(d + L)`; for a key of a layer this forward does not
-run `later(L - r + L_all)`. Distances count layers of the forward (L of them, r the running one's
-position; L_all every MoE layer): an encoder-decoder model's encoder forward and decoder steps each run
-one stack, and a key of the other stack is needed by no layer of this forward, so it is worth less than
-any key of the forward with the same usage. `later(D) = u * BETA**D`, the next forward's use at distance
-D: u is a running estimate of per-forward use (an exponential moving average, DECAY per forward; on the
-traces it is a calibrated estimate of the next forward's use). A study forecast that also covers the h
-forwards after the coming one (`LookaheadForecast`, simulator only) replaces the guess by the known
-chances: later(D) = sum_j P(first next use in forward j) * BETA**(D + j L) + P(none of them) * u-term.
-BETA, DECAY, THRESHOLD, SPARE and LEAD are `PLECConfig`'s beta, decay, threshold, spare_threshold and lead.
-
-The paper's parts, in these terms:
-- slots allocated across layers by predicted demand: the pool is global; a layer holds as many slots as
-  its keys out-value others', so layers with more likely experts get more slots, no fixed quota;
-- the most probable experts prefetched before execution: the plan lists the forward's keys with
-  p >= THRESHOLD, and where the link has room to spare in a layer's compute (a fast link) the layer's
-  next likeliest down to p >= SPARE, by layer (deadline) then probability; a prefetch into a free slot is
-  always taken, one that must evict is admitted only when it out-values the cheapest resident and its layer is at most
-  LEAD layers ahead (an eviction decided later can pick a slot of a layer that has run; LEAD is one
-  transfer's time in layers, measured live or modeled from the simulator's transfer ratio, unless set);
-- finished early layers' slots reused for later layers: once a layer ran, its keys' value drops to
-  next-forward use, so the following windows hand their slots to later layers' predicted experts;
-- run-time correction: a routed expert that is not resident is a demand load, ahead of every prefetch
-  (the planner and the transfer worker see to that), and mispredicted residents, those this forward's
-  plan prefetched for a layer that then did not pick them, are the first to go. Residents that were
-  there before the plan keep their reuse value even when the forecast wrongly wanted them: a frequently
-  used expert the forecast named by mistake is still likely needed by the next forward.
+Each resident holds its slot by a keep value, the discounted chance of its next use; the plan prefetches the
+forward's likeliest experts (by layer, then probability), admits an evicting prefetch only when it out-values the
+cheapest resident within `lead` layers, and drops mispredicted prefetches first. The value function and how the
+paper's parts map onto it: docs/design/plec.md.
 """
 
 from __future__ import annotations
@@ -50,8 +24,8 @@ class PLECConfig:
     threshold: float = 0.5  # forecast probability worth a prefetch
     spare_threshold: float = 0.2  # ... worth one where the link has room to spare in its layer (see `_spare`)
     beta: float = 0.97      # value discount per layer of distance to the use
-    decay: float = 0.95     # per-forward decay of the usage average u (beta and decay: 0.1-6% fewer replayed
-                            # loads than 0.9 / 0.9 on every eval point, docs/results/cache-policies.md, session 6)
+    decay: float = 0.95     # per-forward decay of the usage average u (both tuned on replayed traces:
+                            # docs/results/cache-policies.md)
     lead: int | None = None  # a prefetch that must evict waits until its layer is at most this many layers
                              # ahead; None: as many layers as one transfer takes (see `PLECPolicy.lead`)
     refetch_discount: float = 0.5  # a resident's worth to later forwards, scaled where the link has room to
@@ -79,7 +53,7 @@ class PLECConfig:
 
 
 class PLECPolicy(CachePolicy):
-    name = "expertflow"
+    name = "plec"
     prefetches = True
     uses_forecast = True
     settings_class = PLECConfig

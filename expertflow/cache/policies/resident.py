@@ -1,4 +1,4 @@
-"""`none`: every expert resident, loaded once up front: the all-in-memory reference."""
+"""`all-resident` (alias `none`): every expert resident, loaded once up front: the all-in-memory reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from expertflow.cache.policies.base import CachePolicy, Key
 
 
 class AllResidentPolicy(CachePolicy):
-    name = "none"
+    name = "all-resident"
 
     @classmethod
     def min_capacity(cls, layers: Sequence[int], num_experts: int, top_k: int) -> int:

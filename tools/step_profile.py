@@ -1,21 +1,17 @@
 """Where a decode step's time goes, at batch 1: model compute, RPP, planning, waits, copies, other Python.
 
-    python bench/step_profile.py --model results/widened/tiny-mixtral-32e-i4096 --predictor results/rpp-base \
-        --systems all-in-memory,none,lru,expertflow --cache-experts 26 --store host --prompts 4 \
-        --max-new-tokens 32 --repeats 2 [--tree before=/tmp/ef-before --tree after=.] [--path many|one]
+    python tools/step_profile.py [--model DIR] [--predictor DIR] [--systems all-in-memory,none,lru,expertflow]
+        [--cache-experts 26] [--store host|disk] [--prompts 4] [--max-new-tokens 32] [--repeats 2]
+        [--tree before=/tmp/ef-before --tree after=.] [--path many|one] [--no-sample]
 
-Each (tree, system) runs in a fresh process with `PYTHONPATH=tree` (so two checkouts compare side by side in
-one run, alternating, repeat after repeat). A process loads the system, warms up, times `--repeats` runs
-(tokens/s, loads, hits, transfer wait), then runs once more under py-spy (sampling, `--nonblocking`, every
-thread) and sorts the samples into categories by the frames on the stack. A category's share of the main
-thread's samples times the timed runs' seconds per token gives its ms per token; the reader threads' copies
-and the scheduling worker's RPP and scheduler time are reported in ms of their own thread per token (they
-run beside the model, so they cost the main thread only through CPU and GIL contention on a busy machine).
-
-Systems: `all-in-memory` (transformers generate, the bench's reference), `none` (the engine, every expert
-resident), and engine policies (`lru`, `expertflow`, ...). `--path many` decodes like the bench's engine
-systems (generate_many, batch 1, swap scheduler, two units in flight); `--path one` is `generate` per prompt.
-Prints a table per tree and ends with one JSON line.
+Each (tree, system) runs in a fresh process with `PYTHONPATH=tree`, so two checkouts compare side by side,
+alternating. A process warms up, times `--repeats` runs, then runs once more under py-spy (`pip install
+py-spy`; `--no-sample` skips it) and sorts the samples by the frames on each stack (MAIN_RULES): a category's
+share of the main thread's samples times the seconds per token gives its ms per token; reader threads and the
+scheduling worker are reported in ms of their own thread per token. Systems: `all-in-memory` (transformers
+generate), `none` (the engine, every expert resident) and engine policies (`lru`, `expertflow`, ...).
+`--model` defaults to the embedded model and `--predictor` to the RPP shipped for it. Prints a table per
+tree and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -24,6 +20,8 @@ import argparse
 import collections
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,28 +30,45 @@ import time
 from pathlib import Path
 
 # (category, a frame that marks it), first match wins, checked on main-thread stacks (innermost frames last).
+# py-spy names a frame `Class.function (path/relative/to/sys.path.py:line)`; each rule is a substring of one.
 MAIN_RULES = [
-    ("copy on main thread", "_copy (expertflow/cache.py"),  # a layer's own copy (inside `_await`)
-    ("wait for transfer", "_await (expertflow/cache.py"),
-    ("worker handoff (submit)", "_push (expertflow/prefetch.py"),
-    ("planning (policy+planner)", "begin_step (expertflow/cache.py"),
-    ("planning (policy+planner)", "route (expertflow/cache.py"),
-    ("planning (policy+planner)", "finish_layer (expertflow/cache.py"),
-    ("planning (policy+planner)", "batch_forecast (expertflow/policies"),
-    ("cache acquire/release", "acquire (expertflow/cache.py"),
-    ("cache acquire/release", "release (expertflow/cache.py"),
+    ("copy on main thread", "_copy (expertflow/cache/expert_cache.py"),  # a layer copies what no reader started
+    ("wait for transfer", "_await (expertflow/cache/expert_cache.py"),
+    ("worker handoff (submit)", "submit (expertflow/cache/transfers.py"),
+    ("planning (policy+planner)", "begin_step (expertflow/cache/expert_cache.py"),
+    ("planning (policy+planner)", "route (expertflow/cache/expert_cache.py"),
+    ("planning (policy+planner)", "finish_layer (expertflow/cache/expert_cache.py"),
+    ("planning (policy+planner)", "batch_forecast (expertflow/cache/policies/"),
+    ("cache acquire/release", "acquire (expertflow/cache/expert_cache.py"),
+    ("cache acquire/release", "release (expertflow/cache/expert_cache.py"),
     ("RPP (main thread)", "(expertflow/predictor/"),
-    ("wait for scheduler", "_wait (expertflow/decode_session.py"),
-    ("expert math", "expert_forward (expertflow/adapters"),
+    ("wait for scheduler", "_wait (expertflow/engine/loop.py"),
+    ("expert math", "expert_forward (expertflow/adapters/"),
     ("expert math", "(transformers/integrations/moe.py"),
     ("expert math", "Experts.forward (transformers/"),
-    ("expert dispatch (Python)", "forward (expertflow/experts.py"),
+    ("expert dispatch (Python)", "(expertflow/cache/offloaded_experts.py"),
     ("rest of model", "ForCausalLM.forward (transformers/"),
 ]
 CATEGORIES = list(dict.fromkeys([c for c, _ in MAIN_RULES] + ["other Python"]))
-BACKGROUND = [("copy (reader threads)", "_copy (expertflow/cache.py"), ("RPP (worker)", "(expertflow/predictor/"),
-              ("scheduler (worker)", "(expertflow/scheduler/")]
+BACKGROUND = [("copy (reader threads)", "_copy (expertflow/cache/expert_cache.py"),
+              ("RPP (worker)", "(expertflow/predictor/"), ("scheduler (worker)", "(expertflow/scheduler/")]
 RUN_FRAME = "timed_run (step_profile.py"
+
+
+def stale_rules(tree: Path) -> list[str]:
+    """The rules' frames naming a file, folder or function that `tree`'s expertflow does not have: their samples
+    would fall to a later rule or to "other Python"."""
+    stale = []
+    for frame in dict.fromkeys(frame for _, frame in MAIN_RULES + BACKGROUND):
+        function, _, path = frame.rpartition("(")
+        if not path.startswith("expertflow/"):
+            continue
+        target = tree / path
+        files = [target] if target.is_file() else sorted(target.rglob("*.py")) if target.is_dir() else []
+        name = function.strip().rsplit(".", 1)[-1]
+        if not files or (name and not any(re.search(rf"def {re.escape(name)}\b", f.read_text()) for f in files)):
+            stale.append(frame)
+    return stale
 
 
 def classify(stack: str, rules: list[tuple[str, str]]) -> str | None:
@@ -156,7 +171,7 @@ def figures(stats) -> dict:
         return {}
     items = stats if isinstance(stats, list) else [stats]
     total = lambda name: sum(getattr(s, name, 0) for s in items)  # noqa: E731
-    return {"hits": total("hits"), "misses": total("misses"), "loads": total("expert_loads"),
+    return {"hits": total("hits"), "misses": total("correction_loads"), "loads": total("expert_loads"),
             "transfer_wait_s": total("transfer_wait_seconds")}
 
 
@@ -213,8 +228,12 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def trees_of(args: argparse.Namespace) -> dict[str, str]:
+    return dict(t.split("=", 1) for t in args.tree) if args.tree else {"tree": "."}
+
+
 def sweep(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    trees = dict(t.split("=", 1) for t in args.tree) if args.tree else {"tree": "."}
+    trees = trees_of(args)
     results: dict = {name: collections.defaultdict(list) for name in trees}
     loads = [load_average()]
     for _ in range(args.rounds):
@@ -295,9 +314,12 @@ def prompt_ids(args: argparse.Namespace) -> list[list[int]]:
 
 
 def parse_args() -> argparse.Namespace:
+    from expertflow.embedded import EMBEDDED_MODEL_DIR  # here, not at the top: a worker imports its own tree's
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="results/widened/tiny-mixtral-32e-i4096")
-    p.add_argument("--predictor", default="results/rpp-base")
+    p.add_argument("--model", default=str(EMBEDDED_MODEL_DIR))
+    p.add_argument("--predictor", default=None, help="RPP directory for `expertflow` (default: the one shipped "
+                                                     "for the model)")
     p.add_argument("--systems", default="all-in-memory,none,lru,expertflow")
     p.add_argument("--cache-experts", type=int, default=26)
     p.add_argument("--store", default="host", choices=["host", "disk"])
@@ -307,7 +329,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per process")
     p.add_argument("--rounds", type=int, default=1, help="processes per (tree, system), interleaved")
-    p.add_argument("--path", default="many", choices=["many", "one"])
+    p.add_argument("--path", default="many", choices=["many", "one"],
+                   help="many: generate_many at batch 1, swap scheduler (as the bench's engine systems); "
+                        "one: generate per prompt")
     p.add_argument("--tree", action="append", help="NAME=DIR of an expertflow checkout (repeatable)")
     p.add_argument("--no-sample", action="store_true", help="timings only, no py-spy breakdown")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -319,6 +343,12 @@ def main() -> None:
         sys.stdout.write(json.dumps(worker(json.loads(sys.stdin.read()))) + "\n")
         return
     args = parse_args()
+    if not args.no_sample and shutil.which("py-spy") is None:
+        raise SystemExit("py-spy is not installed: `pip install py-spy`, or run with --no-sample")
+    for name, tree in trees_of(args).items():
+        if stale := stale_rules(Path(tree)):
+            print(f"warning: {name} ({tree}) has no code for these frames, so their samples count further down "
+                  f"the rules: {', '.join(stale)}", file=sys.stderr)
     doc = sweep(args, prompt_ids(args))
     summary = report(doc)
     print(json.dumps({"summary": summary, "load_average": doc["load_average"], "trees": doc["trees"],

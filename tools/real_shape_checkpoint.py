@@ -8,8 +8,8 @@ default dtype; expertflow at its defaults with every expert resident; expertflow
 cached on the disk store; and a bare `import torch, transformers` (torch's own footprint). It prints each
 run's tokens and peak RSS against the bounds the engine is held to, and ends with one JSON line.
 
-    python bench/real_shape_checkpoint.py build --out results/olmoe-shape --layers 4
-    python bench/real_shape_checkpoint.py measure --model results/olmoe-shape
+    python tools/real_shape_checkpoint.py build --out results/olmoe-shape --layers 4
+    python tools/real_shape_checkpoint.py measure --model results/olmoe-shape
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def measure(model: Path, new_tokens: int) -> dict:
     quarter = f"cache-{total_experts // 4}"
     runs = {what: _run_child(what, model, new_tokens) for what in ("baseline", "reference", "all-in-memory", quarter)}
     torch_bytes = runs["baseline"]["peak_rss_bytes"]
-    every, cached = runs["all-in-memory"], runs[quarter]
+    cached = runs[quarter]
     bounds = {
         "all-in-memory": 1.2 * checkpoint_bytes + torch_bytes,
         quarter: cached["resident_bytes"] + cached["peak_expert_bytes"] + torch_bytes + 300 * MiB,

@@ -6,7 +6,7 @@ level's wall time, request latency p50/p95 (send to full response), and the serv
 the level (deltas of `/metrics`). Warm-up requests run first. Prints a table and ends with one JSON line.
 
     expertflow serve --cache-experts 64 --scheduler fifo --port 8101 --threads 1 &
-    python bench/serve_load.py --url http://127.0.0.1:8101 --concurrency 1,8,32 --label fifo
+    python tools/serve_load.py --url http://127.0.0.1:8101 --concurrency 1,8,32 --label fifo
 """
 
 from __future__ import annotations

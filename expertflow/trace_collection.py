@@ -14,11 +14,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from expertflow.engine import check_temperature
+from expertflow.engine.sampling import check_temperature
 from expertflow.traces import TraceHeader, TraceSequence, TraceSet
 
 
-class RoutingRecorder(Protocol):
+class TraceableModel(Protocol):
+    """A model traces can be collected from: `ExpertflowModel`, or anything with its generate(record_routing=True)."""
+
     tokenizer: Any
     num_moe_layers: int
     num_experts: int
@@ -66,7 +68,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> l
     return out
 
 
-def collect_traces(model: RoutingRecorder, prompt_ids: Sequence[list[int]], config: TracingConfig,
+def collect_traces(model: TraceableModel, prompt_ids: Sequence[list[int]], config: TracingConfig,
                    on_batch: Callable[[int], None] | None = None, first_index: int = 0) -> TraceSet:
     """R runs of every prompt (token ids, see `encode_prompts`), batched; `on_batch(n)` is called after
     each batch of n sequences. `first_index` is the dataset index of the first prompt, recorded in
@@ -86,7 +88,7 @@ def trace_batches(num_prompts: int, config: TracingConfig) -> list[tuple[int, in
     return [(run, start) for run in range(config.runs) for start in range(0, num_prompts, config.batch_size)]
 
 
-def trace_batch(model: RoutingRecorder, batch: Sequence[list[int]], run: int, start: int,
+def trace_batch(model: TraceableModel, batch: Sequence[list[int]], run: int, start: int,
                 config: TracingConfig, first_index: int = 0) -> list[TraceSequence]:
     """One batch of prompts `start..start+len(batch)-1` of run `run`."""
     # A distinct seed per (run, batch) so sampled runs differ but the whole set is reproducible.
@@ -98,14 +100,14 @@ def trace_batch(model: RoutingRecorder, batch: Sequence[list[int]], run: int, st
             for offset, (ids, generated, routing) in enumerate(zip(batch, out.sequences, out.routing))]
 
 
-def trace_header(model: RoutingRecorder, config: TracingConfig) -> TraceHeader:
+def trace_header(model: TraceableModel, config: TracingConfig) -> TraceHeader:
     return TraceHeader(model=model.name, num_layers=model.num_moe_layers, num_experts=model.num_experts,
                        top_k=model.top_k, dataset=config.dataset, runs=config.runs,
                        temperature=config.temperature, seed=config.seed,
                        max_new_tokens=config.max_new_tokens, vocab_size=_vocab_size(model))
 
 
-def _vocab_size(model: RoutingRecorder) -> int:
+def _vocab_size(model: TraceableModel) -> int:
     # The embedding's row count, not len(tokenizer): checkpoints often pad the vocabulary.
     hf_config = getattr(getattr(model, "model", None), "config", None)
     return int(getattr(hf_config, "vocab_size", 0) or len(model.tokenizer))

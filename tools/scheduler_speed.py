@@ -1,16 +1,16 @@
-"""Micro-benchmark: wall time of one scheduling decision (2 x 32 tokens, L=8, E=32, K=2 by default).
+"""Wall time of one token-scheduling decision (2 x 32 tokens, L=8, E=32, K=2 by default), per scheduler.
 
-The paper budgets < 10 ms of CPU per decision (section 3.3.2). Routing paths are drawn with a skewed
-per-layer expert popularity, like real routers, from a fixed seed, or with `--traces FILE` taken from
-recorded decode steps (units of consecutive sequences, as schedule-eval cuts them). Each scheduler that
-takes probabilities is also timed on probability input: drawn around the paths (`soft_routing`), or
-with `--traces` and `--predictor DIR` the RPP's own forecasts of those steps. Warm-up, then the median of `--repeats` timed calls per scheduler and
-input; prints a table and a final JSON line. `exhaustive` enumerates only small units (2 x 8 has 6,435
-balanced partitions; 2 x 32 goes to its `swap` fallback): its rows say which it did.
+Routing paths are drawn with a skewed per-layer expert popularity, from a fixed seed, or taken with `--traces`
+from recorded decode steps (units of consecutive sequences, as schedule-eval cuts them). Schedulers that take
+probabilities are also timed on them: drawn around the paths, or with `--predictor` the RPP's own forecasts of
+those steps. `exhaustive` enumerates only small units and says when it fell back to `swap`. Warm-up, then the
+median of `--repeats` calls; prints a table against the 10 ms goal and ends with one JSON line.
 
-    python bench/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
-                                    [--traces results/traces/xsum_eval.safetensors [--predictor results/rpp-base]]
-    python bench/scheduler_speed.py --batch-size 8 --schedulers swap,exhaustive
+    python tools/scheduler_speed.py [--batch-size 32] [--unit 2] [--layers 8] [--experts 32] [--top-k 2]
+                                    [--schedulers fifo,similarity,swap,exhaustive] [--traces FILE [--predictor DIR]]
+
+FILE comes from `expertflow trace`, e.g. `expertflow trace --dataset xsum --samples 200 --max-new-tokens 32
+--out results/traces/xsum_eval.safetensors`; DIR is an RPP such as the shipped expertflow/models/tiny-mixtral-32e-rpp.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ GOAL_MS = 10.0
 def skewed_routing(rng: np.random.Generator, n: int, layers: int, experts: int, top_k: int) -> np.ndarray:
     """(n, L, E) bool paths: each layer has its own Dirichlet popularity over experts."""
     popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)                   # (L, E)
-    ids = np.stack([[rng.choice(experts, top_k, replace=False, p=popularity[l]) for l in range(layers)]
+    ids = np.stack([[rng.choice(experts, top_k, replace=False, p=popularity[layer]) for layer in range(layers)]
                     for _ in range(n)])                                               # (n, L, K)
     return routing_paths(ids, experts)
 

@@ -1,11 +1,14 @@
-"""PLEC's knobs (PLECConfig: threshold, spare_threshold, beta, decay, lead, refetch_discount) swept on tuning traces with the shipped RPP.
+"""PLEC's knobs (`PLECConfig`) swept on recorded traces: hit ratio and loads of each setting against Belady's.
 
-Each setting replays the same decode batches through `expertflow.simulator.sweep` with PLEC built with
-it (`SimConfig.policy_settings`); Belady's MIN is the floor. Tune on splits the eval figures never use (xsum / wmt16 prompts
-400-499), then check the chosen setting on the eval traces. Prints a table, ends with one JSON line.
+Each setting replays the same decode batches through `expertflow.simulator.sweep` with PLEC built with it;
+Belady's MIN is the floor. Tune on splits the eval figures never use, then check the chosen setting on the eval
+traces. Prints a table and ends with one JSON line.
 
-    python bench/plec_settings.py --traces results/traces/xsum_tune.safetensors results/traces/wmt16_tune.safetensors \
-        --threshold 0.3,0.4,0.5 --lead none,1 --cache-experts 10%,25% --batch-size 1,8,16 [--transfer-ratio 15]
+    python tools/plec_settings.py --traces FILE [FILE ...] [--threshold 0.3,0.4,0.5] [--lead none,1]
+        [--cache-experts 10%,25%] [--batch-size 1,8,16] [--transfer-ratio 15] [--predictor DIR|oracle|tlp]
+
+Trace files come from `expertflow trace`; the tuning splits are xsum / wmt16 prompts 400-499, e.g.
+`expertflow trace --dataset xsum --skip 400 --samples 100 --out results/traces/xsum_tune.safetensors`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the box is shared
 
-from expertflow.cli.calibrate import predictions_for  # noqa: E402
+from expertflow.cache.policies.plec import PLECConfig  # noqa: E402
+from expertflow.calibrate import predictions_for  # noqa: E402
 from expertflow.cli.report import print_json_line, print_table  # noqa: E402
 from expertflow.embedded import EMBEDDED_PREDICTOR_DIR  # noqa: E402
-from expertflow.cache.policies.plec import PLECConfig  # noqa: E402
 from expertflow.simulator import sweep  # noqa: E402
 from expertflow.traces import read_traces  # noqa: E402
 
@@ -61,7 +64,8 @@ def main() -> None:
     default = PLECConfig()  # each knob's default is the engine's own, so an unswept knob stays as shipped
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", nargs="+", type=Path, required=True)
-    parser.add_argument("--predictor", default=str(EMBEDDED_PREDICTOR_DIR))
+    parser.add_argument("--predictor", default=str(EMBEDDED_PREDICTOR_DIR),
+                        help="RPP directory, or oracle (the true routing) or tlp (the previous token's)")
     parser.add_argument("--threshold", default=str(default.threshold))
     parser.add_argument("--spare-threshold", default=str(default.spare_threshold))
     parser.add_argument("--beta", default=str(default.beta))
@@ -82,11 +86,11 @@ def main() -> None:
     rows = [row for path in args.traces
             for row in study(path, args.predictor, settings, caches, batches, args.transfer_ratio)]
     print_table(f"PLEC settings, transfer ratio {args.transfer_ratio}, predictor {args.predictor}",
-                ("traces", "cache", "batch", "threshold", "spare", "beta", "decay", "lead", "refetch", "hit ratio", "loads", "wasted",
-                 "loads/belady"),
-                [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["spare_threshold"]), str(r["beta"]), str(r["decay"]),
-                  str(r["lead"]), str(r["refetch_discount"]), f"{r['hit_ratio']:.3f}", str(r["loads"]), str(r["wasted"]),
-                  f"{r['loads_vs_belady']:.2f}"] for r in rows])
+                ("traces", "cache", "batch", "threshold", "spare", "beta", "decay", "lead", "refetch", "hit ratio",
+                 "loads", "wasted", "loads/belady"),
+                [[r["traces"], r["cache"], str(r["batch_size"]), str(r["threshold"]), str(r["spare_threshold"]),
+                  str(r["beta"]), str(r["decay"]), str(r["lead"]), str(r["refetch_discount"]), f"{r['hit_ratio']:.3f}",
+                  str(r["loads"]), str(r["wasted"]), f"{r['loads_vs_belady']:.2f}"] for r in rows])
     print_json_line({"results": rows})
 
 

@@ -1,16 +1,16 @@
-"""Micro-benchmark: does the disk serve several expert reads at once faster than one after another?
+"""Does the disk serve several expert reads at once faster than one after another?
 
-Reads experts of a checkpoint through `DiskStore(drop_page_cache=True)`: with O_DIRECT into slots placed as the
-engine's cache places them (`placed`: whole blocks straight into the slot, what the engine does where the file
-system allows), with O_DIRECT into a plain buffer (`direct`: through the bounce buffer, then copied), and with
-buffered reads dropped by posix_fadvise DONTNEED (`buffered`), from 1, 2, 4, 8
-threads at once, each thread reading its own distinct experts into its own buffer, the page cache of every
-checkpoint file dropped before each pass (so every read reaches the device). Reports the aggregate
-MB/s, the wall time per expert (what a transfer worker pays per load) and each read's own latency;
-repeats the sweep and keeps the median pass. Prints a table and a final JSON line.
+Reads a checkpoint's experts through `DiskStore` with the page cache bypassed, by three methods: `placed`
+(O_DIRECT straight into slots laid out as the engine's cache lays them), `direct` (O_DIRECT through a bounce
+buffer) and `buffered` (pread, then posix_fadvise DONTNEED), from 1, 2, 4, 8 threads at once, each reading its
+own experts. Every pass drops the checkpoint's page cache first. Prints MB/s, wall time per expert and each
+read's median latency (median pass of `--repeats`), then one JSON line.
 
-    python bench/disk_reads.py [--model results/widened/tiny-mixtral-32e-i4096] [--threads 1,2,4,8]
-                               [--experts 48] [--repeats 3] [--methods placed,direct,buffered]
+    python tools/disk_reads.py --model DIR [--threads 1,2,4,8] [--experts 48] [--repeats 3]
+                               [--methods placed,direct,buffered]
+
+DIR is any checkpoint expertflow loads; with the embedded model's small experts, a widened copy gives reads of
+a realistic size: `expertflow widen --intermediate-size 4096 --out results/widened/tiny-mixtral-32e-i4096`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from expertflow.adapters import adapter_for  # noqa: E402
+from expertflow.cache.stores import DiskStore, Key  # noqa: E402
 from expertflow.checkpoint import Checkpoint  # noqa: E402
 from expertflow.config import EngineConfig  # noqa: E402
 from expertflow.loading import read_config  # noqa: E402
-from expertflow.cache.stores import DiskStore, Key  # noqa: E402
 
-DEFAULT_MODEL = Path("results/widened/tiny-mixtral-32e-i4096")
 METHODS = ("placed", "direct", "buffered")
 
 
@@ -51,7 +50,7 @@ def open_store(model_dir: Path, direct_io: bool = True) -> DiskStore:
     adapter = adapter_for(read_config(config))
     checkpoint = Checkpoint(config.model)
     layers = sorted({int(k.split(".")[2]) for k in checkpoint.keys() if adapter.is_expert_tensor(k)})
-    return DiskStore(checkpoint, adapter, layers, torch.float32, drop_page_cache=True, direct_io=direct_io)
+    return DiskStore(checkpoint, adapter, layers, torch.float32, page_cache=False, direct_io=direct_io)
 
 
 def drop_page_cache(store: DiskStore) -> None:
@@ -119,7 +118,7 @@ def sweep(stores: dict[str, DiskStore], thread_counts: list[int], per_pass: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--threads", default="1,2,4,8")
     p.add_argument("--experts", type=int, default=48, help="experts read per pass (split over the threads)")
     p.add_argument("--repeats", type=int, default=3)

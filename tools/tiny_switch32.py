@@ -5,9 +5,9 @@ Switch-base's shape scaled down: 6 encoder + 6 decoder blocks, every other one s
 WMT16 / XSum prompts can be fed to it. Its weights are random (transformers' init), so its routing is
 untrained: figures from it show the machinery, not what a trained Switch-32 would give.
 
-    python bench/tiny_switch32.py --out results/switch32/tiny-switch32
-    expertflow trace --model results/switch32/tiny-switch32 --dataset wmt16 --samples 64 --out results/switch32/wmt16.safetensors
-    expertflow simulate --traces results/switch32/wmt16.safetensors --model results/switch32/tiny-switch32 ...
+    python tools/tiny_switch32.py --out results/sw32/model
+    expertflow trace --model results/sw32/model --dataset wmt16 --samples 64 --out results/sw32/wmt16.safetensors
+    expertflow simulate --traces results/sw32/wmt16.safetensors --model results/sw32/model ...
 """
 
 from __future__ import annotations

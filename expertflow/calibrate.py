@@ -1,4 +1,5 @@
-"""What `expertflow simulate` needs from torch: forecasts for traces, expert size, the measured transfer ratio."""
+"""What a trace replay (`simulator`, pure Python) needs from the model and torch: forecasts for the traces, the
+size of one expert, and the measured transfer ratio."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import torch
 
 from expertflow.adapters import adapter_for
-from expertflow.config import EngineConfig
-from expertflow.errors import ExpertflowError
-from expertflow.loading import read_config
+from expertflow.api import from_pretrained
 from expertflow.cache.policies.forecast import one_hot_routing
+from expertflow.config import EngineConfig
+from expertflow.loading import read_config
+from expertflow.predictor.runtime import RoutingPredictor
 from expertflow.traces import TraceSet
 
 _PROMPT = "Give three tips for staying healthy."
@@ -37,20 +39,13 @@ def predictions_for(traces: TraceSet, predictor: str) -> list[np.ndarray]:
     if predictor == "tlp":
         return [np.concatenate([np.zeros((1, h.num_layers, h.num_experts), np.float32),
                                 one_hot_routing(s.routing, h.num_experts)[:-1]]) for s in traces.sequences]
-    from expertflow.predictor.runtime import RoutingPredictor
-
-    rpp = RoutingPredictor.load(predictor)
-    if (rpp.config.num_layers, rpp.config.num_experts) != (h.num_layers, h.num_experts):
-        raise ExpertflowError(f"predictor {predictor} forecasts {rpp.config.num_layers} x {rpp.config.num_experts} "
-                              f"(layers x experts) but the traces have {h.num_layers} x {h.num_experts}")
+    rpp = RoutingPredictor.load(predictor, expect=(h.num_layers, h.num_experts))
     return [rpp.predict_array(s.token_ids) for s in traces.sequences]
 
 
 def measure_transfer_ratio(model: Path | None, new_tokens: int = 16) -> float:
     """How many expert copies (slow tier -> fast tier) fit in one layer's decode compute, on this machine."""
-    import expertflow
-
-    lm = expertflow.from_pretrained(model)  # all experts resident: the compute alone
+    lm = from_pretrained(model)  # all experts resident: the compute alone
     ids = lm.encode(_PROMPT)
     lm.generate(input_ids=[ids], max_new_tokens=4)  # warm-up
     stats = lm.generate(input_ids=[ids], max_new_tokens=new_tokens).stats

@@ -2,10 +2,11 @@
 
 For each batch size B and scheduling unit U, every scheduler decodes the same real prompts through the
 engine (per-layer LRU cache at --cache-experts) and reports distinct activated (layer, expert) pairs
-per batch forward, expert loads, hit ratio and tokens/s; a check that all schedulers produced the same
+per batch forward, expert loads, hit ratio and tokens/s, and whether all schedulers produced the same
 tokens. Prints a table and ends with one JSON line.
 
-    python bench/live_scheduling.py [--predictor results/rpp-alpaca] [--dataset xsum] [--prompts 32]
+    python tools/live_scheduling.py [--predictor expertflow/models/tiny-mixtral-32e-rpp] [--dataset xsum]
+                                    [--prompts 32] [--batch-sizes 4,8,16] [--units 2,4]
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def main() -> int:
         f = base.get((r["batch_size"], r["schedule_unit"]))
         cut = 1 - r["activated_experts_per_batch"] / f["activated_experts_per_batch"] if f else float("nan")
         r["reduction_vs_fifo"] = cut
-        rows.append((f"{r['schedule_unit']}x{r['batch_size']}", r["scheduler"], f"{r['activated_experts_per_batch']:.1f}",
-                     f"{cut:+.1%}", r["expert_loads"], f"{r['hit_ratio']:.3f}", f"{r['tokens_per_s']:.1f}",
+        rows.append((f"{r['schedule_unit']}x{r['batch_size']}", r["scheduler"],
+                     f"{r['activated_experts_per_batch']:.1f}", f"{cut:+.1%}", r["expert_loads"],
+                     f"{r['hit_ratio']:.3f}", f"{r['tokens_per_s']:.1f}",
                      f"{r['schedule_seconds']:.2f} / {r['schedule_wait_seconds']:.2f}"))
     same = len({json.dumps(v) for v in outputs.values()}) == 1
     print_table(f"live scheduling, {args.dataset} x{len(prompts)}, lru {args.cache_experts}, "
