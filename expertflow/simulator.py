@@ -8,7 +8,7 @@ MoE layer for a decoder-only model; for an encoder-decoder one (Switch) the enco
 forward and the decoder's in each decode forward, told apart by which layers the traces' prompt and
 generated rows are routed at (the other stack holds NO_EXPERT). The live engine's decoder-start forward
 has no row in a trace, so it is not replayed. Time is virtual: `transfer_ratio` expert loads fit in one
-layer's compute. `SimConfig.lookahead` (a study) hands each forecast the next forwards' too. No torch here.
+layer's compute. No torch here.
 
 Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
 """
@@ -16,12 +16,12 @@ Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from expertflow.cache.policies import Forecast, Key, build_policy
-from expertflow.cache.policies.forecast import LookaheadForecast, batch_forecast, restrict
+from expertflow.cache.policies.forecast import batch_forecast, restrict
 from expertflow.cache.planner import USE_AHEAD, CachePlanner
 from expertflow.cache.residency import CacheCounters, Residency
 from expertflow.traces import NO_EXPERT, TraceSet
@@ -45,14 +45,11 @@ class SimConfig:
     batch_size: int
     transfer_ratio: float | None = None   # expert loads per layer compute; None = unlimited
     count_prefill: bool = False           # figures over prefill forwards too (they are replayed anyway)
-    lookahead: int = 0                    # study: each forecast also carries the next `lookahead` forwards'
     policy_settings: tuple[tuple[str, float], ...] = ()  # the policy's knobs (name, value), e.g. PLEC's threshold
 
     def __post_init__(self) -> None:
         if self.cache_experts < 1 or self.batch_size < 1:
             raise ValueError(f"cache_experts and batch_size must be >= 1, got {self.cache_experts}, {self.batch_size}")
-        if self.lookahead < 0:
-            raise ValueError(f"lookahead counts forwards after the coming one and must be >= 0, got {self.lookahead}")
         if self.transfer_ratio is not None and self.transfer_ratio < 0:
             raise ValueError(f"transfer_ratio must be >= 0, got {self.transfer_ratio}")
 
@@ -106,17 +103,6 @@ def _forward(traces: TraceSet, rows: list[tuple[int, np.ndarray]], predictions: 
     return Forward(experts, forecast, prefill, runs)
 
 
-def with_lookahead(forwards: Sequence[Forward], horizon: int) -> list[Forward]:
-    """Each forward's forecast extended by the forecasts of the `horizon` forwards replayed after it (a
-    predictor that sees future tokens, so a study of how far a forecast must see; with horizon 0 the
-    forwards are returned as they are)."""
-    if horizon == 0:
-        return list(forwards)
-    later = [fw.forecast or {} for fw in forwards]
-    return [replace(fw, forecast=LookaheadForecast(later[i], later[i + 1: i + 1 + horizon]))
-            for i, fw in enumerate(forwards)]
-
-
 def accesses(forwards: Sequence[Forward], layers: Sequence[int]) -> list[Key]:
     """Every demand use, in replay order: what Belady's MIN needs to see ahead."""
     return [(layers[li], e) for fw in forwards for li, experts in enumerate(fw.experts) for e in experts]
@@ -135,7 +121,7 @@ def simulate(forwards: Sequence[Forward], layers: Sequence[int], num_experts: in
     planner = CachePlanner(residency, config.transfer_ratio, USE_AHEAD if policy.prefetches else 0)
     start = residency.counters.copy()
     counted = CacheCounters()
-    for fw in with_lookahead(forwards, config.lookahead):
+    for fw in forwards:
         before = residency.counters.copy()
         replay_forward(planner, fw, layers)
         if config.count_prefill or not fw.prefill:

@@ -37,11 +37,3 @@ def one_hot_routing(routing: np.ndarray, num_experts: int) -> np.ndarray:
     return out[..., :num_experts]
 
 
-class LookaheadForecast(dict):
-    """A forecast of the coming forward (the mapping itself) that also carries forecasts of the forwards
-    after it: `later[j]` is the forward j + 1 after the coming one. A study device for the simulator
-    (an oracle that sees future tokens): a routing predictor sees the coming forward only."""
-
-    def __init__(self, coming: Forecast, later: Sequence[Forecast]) -> None:
-        super().__init__(coming)
-        self.later: tuple[Forecast, ...] = tuple(later)

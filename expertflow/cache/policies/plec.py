@@ -14,7 +14,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from expertflow.cache.policies.base import CachePolicy, Forecast, Key
-from expertflow.cache.policies.forecast import LookaheadForecast
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,6 @@ class PLECPolicy(CachePolicy):
         super().__init__(capacity, layers, num_experts, top_k)
         self.config = config
         self._forecast: dict[Key, float] = {}
-        self._later: tuple[Forecast, ...] = ()     # forecasts of the forwards after this one (study only)
         self._running = -1                         # position of the layer whose routing is known
         self._forward = 0
         self._usage: dict[Key, tuple[float, int]] = {}  # key -> (u, forward it was last updated)
@@ -83,7 +81,6 @@ class PLECPolicy(CachePolicy):
         self._forward += 1
         self._running = -1
         self._forecast = {k: p for k, p in (forecast or {}).items() if p > 0 and self.in_forward(k[0])}
-        self._later = forecast.later if isinstance(forecast, LookaheadForecast) else ()
         self._prefetched = set()
         wanted = [k for k, p in self._forecast.items() if p >= self.config.threshold]
         room = self._link_room(wanted)
@@ -156,17 +153,9 @@ class PLECPolicy(CachePolicy):
 
         Where the link has room in the key's layer, keeping the key is worth less than that chance: evicted, a
         key the forecast then rates likely is prefetched again in time, so keeping it saves a load, not a miss.
-        Scaling by refetch_discount lets this forward's speculative keys take its slot (replayed at 30 loads
-        per layer, 25% of experts, batch 16: hit ratio 0.941 -> 0.963 on xsum for 11% more loads); a disk's
-        1-2 layers per read leave no room, so its plan is unchanged."""
-        steps = len(self.forward_layers)
-        value, unused = 0.0, 1.0
-        for forecast in self._later:  # known chances first (a study forecast), then the usage estimate
-            p = forecast.get(key, 0.0)
-            value += unused * p * self.config.beta**distance
-            unused *= 1.0 - p
-            distance += steps
-        value += unused * self._u(key) * self.config.beta**distance
+        Scaling by refetch_discount lets this forward's speculative keys take its slot (docs/results/
+        cache-policies.md); a disk's 1-2 layers per read leave no room, so its plan is unchanged."""
+        value = self._u(key) * self.config.beta**distance
         return value * self.config.refetch_discount if key[0] in self._roomy else value
 
     @property
