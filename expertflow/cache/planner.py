@@ -71,14 +71,20 @@ class CachePlanner:
         issued: list[Issued] = []
         if not self.policy.in_forward(layer) or self.policy.position(layer) <= self._ran:
             issued = self.begin_step(None)  # a forward started without begin_step (e.g. a direct model call)
-        position = self.policy.position(layer)
-        self._ran = position
+        self._ran = self.policy.position(layer)
         self._drop_held()
         self._to_use = deque(keys)
-        lookahead = self.policy.on_layer(layer, keys)
-        later = [k for k in self._queue if self._ahead(k)]
-        self._queue = deque(dict.fromkeys([*lookahead, *later]))
+        self._correct(layer, keys)
         return issued
+
+    def _correct(self, layer: int, keys: Sequence[Key]) -> None:
+        """The paper's run-time correction, once a layer's routing is known: the policy marks the layer's
+        mispredicted prefetches as the first to go and names keys worth fetching ahead (pre-gated's next layer),
+        which go to the front of the queue; queued prefetches for layers that have run are dropped. A routed key
+        that is not resident becomes a demand load at its `use`, ahead of every prefetch (`transfers.DEMAND`)."""
+        ahead = self.policy.on_layer(layer, keys)
+        still = [k for k in self._queue if self._ahead(k)]
+        self._queue = deque(dict.fromkeys([*ahead, *still]))
 
     def use(self, key: Key) -> list[Issued]:
         """A demand use of `key` by the running layer, pinned until `release`, and the uses of the layer's
