@@ -80,9 +80,12 @@ class StepLoop:
         places and goes back to be predicted and scheduled. A batch (or a unit's plan) that fails finishes only
         its own sequences, with finish_reason "error"; the others go on."""
         for u in range(self.runner.depth):
-            batches = self._planned(u)                      # predict + schedule (done on the worker)
-            ran = [batch for batch in batches if self._run(batch)]  # plan/prefetch + run
-            self._advance(u, ran)                           # sample + admit, then plan the unit's next step
+            batches = self._planned(u)        # predict + schedule (done on the worker while the other unit ran)
+            ran = []
+            for batch in batches:
+                if self._run(batch):          # plan/prefetch + run: the cache plans from the batch's forecast
+                    ran.append(batch)
+            self._advance(u, ran)             # sample + admit, then hand the unit back to be planned
 
     def _planned(self, u: int) -> list[Batch]:
         if u not in self._plans:
