@@ -1,16 +1,10 @@
 """Trace replay: recorded routing through the same policies, `Residency` and `CachePlanner` as the engine.
 
-Sequences are grouped into decode batches as the engine runs them (consecutive groups of B, one prefill
-forward, then one forward per generated token over the sequences still running). Each forward walks
-its MoE layers in order: route, demand uses of the layer's unique experts (ascending id, as the engine
-acquires them), next layer's transfer window. A forward's layers are those its tokens pass: every
-MoE layer for a decoder-only model; for an encoder-decoder one (Switch) the encoder's in the prompt
-forward and the decoder's in each decode forward, told apart by which layers the traces' prompt and
-generated rows are routed at (the other stack holds NO_EXPERT). The live engine's decoder-start forward
-has no row in a trace, so it is not replayed. Time is virtual: `transfer_ratio` expert loads fit in one
-layer's compute. No torch here.
+Sequences are batched as the engine runs them (consecutive groups of B: one prefill forward, then one forward
+per generated token), and each forward runs only the MoE layers its tokens pass. Time is virtual:
+`transfer_ratio` expert loads fit in one layer's compute. No torch here.
 
-Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k.
+Shape legend: T tokens of a sequence, L MoE layers, E experts, K top_k. Design: docs/design/simulator.md.
 """
 
 from __future__ import annotations

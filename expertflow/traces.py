@@ -1,18 +1,9 @@
 """The routing trace file: which experts every token of every sequence was routed to.
 
-Format (version 1): one safetensors file.
-  metadata["expertflow_trace"] = JSON header: format, version, model, num_layers (L), num_experts (E),
-      top_k (K), dataset, runs, temperature, seed, max_new_tokens, vocab_size.
-  tensors (N sequences, T = total tokens over all sequences):
-      prompt_lens    int64 (N,)      prompt tokens per sequence
-      generated_lens int64 (N,)      generated tokens per sequence (eos kept)
-      prompt_index   int64 (N,)      which prompt of the dataset the sequence came from (runs share it)
-      run            int64 (N,)      run number of that prompt (0..runs-1)
-      token_ids      int32 (T,)      prompt then generated ids, sequences concatenated
-      routing        int16 (T, L, K) selected expert ids of every token at every MoE layer; -1 (NO_EXPERT):
-                     none, as the token did not pass the layer (the other stack of an encoder-decoder
-                     model) or the router dropped it for capacity (Switch)
-Written atomically (expertflow.outputs.atomic_path): a temp file in the same directory, then os.replace.
+One safetensors file (format version 1): a JSON header under metadata["expertflow_trace"] and the tensors
+prompt_lens, generated_lens, prompt_index, run (N sequences), token_ids (T tokens) and routing int16 (T, L, K),
+the selected expert ids of every token at every MoE layer, NO_EXPERT (-1) where no expert computed it.
+Written atomically (expertflow.outputs.atomic_path). Design: docs/design/traces.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Switch Transformers: an encoder-decoder with top-1 sparse MLPs in both stacks, and expert capacity.
 
-MoE layer numbering: one global index over the sparse blocks, the encoder's first, then the decoder's, each
-in block order. With `num_layers=12, num_sparse_encoder_layers=3` and the same for the decoder, the
-sparse blocks are encoder blocks 1, 5, 9 -> layers 0, 1, 2 and decoder blocks 1, 5, 9 -> layers 3, 4, 5.
-Keys are `(layer, expert)` with that index, so the cache, policies and traces see one list of layers; a
-forward of the encoder touches only the first group, a decoding step only the second.
+MoE layers are one global index over the sparse blocks, the encoder's first, then the decoder's, so an encoder
+forward touches only the first group and a decoding step only the second. A token the router drops for
+capacity is computed by no expert.
 
-Each expert is a `SwitchTransformersDenseActDense`: wi (I, H), act, wo (H, I), stored per expert in hub
-checkpoints (`...mlp.experts.expert_{e}.wi.weight`). The router drops tokens routed beyond an expert's
-capacity; its one-hot dispatch mask is then all zero and the eager loop computes nothing for them.
-
-Shape legend: T tokens, E experts, H d_model, I d_ff.
+Shape legend: T tokens, E experts, H d_model, I d_ff. Design: docs/design/switch.md.
 """
 
 from __future__ import annotations

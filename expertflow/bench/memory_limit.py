@@ -1,17 +1,9 @@
 """Holding a bench run to a memory budget the OS enforces, page cache included.
 
-A system that reads offloaded weights through the page cache (accelerate's `offload_folder`, memory-mapped
-files) otherwise keeps every byte it ever read in RAM: on a machine whose RAM exceeds the model it is
-reading from memory, not disk, while its resident set counts those pages as the kernel's, not its own.
-A memory cgroup charges page cache to the group that faulted it in and reclaims it at the group's limit,
-so a run inside one reads its offloaded weights again once they no longer fit, as it would on a machine
-whose RAM is the budget.
-
-The run joins a child group of its own cgroup after loading, so what the group is charged is what the
-run touches from then on: pages of its offload files, activations, transient copies. Memory held before
-(the interpreter, the weights it placed in memory) stays charged to the parent and is not part of the
-limit. cgroup v1 (`memory.limit_in_bytes`) and v2 (`memory.max`) are tried; where neither can be written
-(no root, a read-only hierarchy, no memory controller) the run goes on unbounded and says why.
+`MemoryLimit` runs a block inside a child memory cgroup capped at the budget: a cgroup is charged the page cache
+its members fault in, so offloaded weights read through the page cache come from disk again once they no longer
+fit. Only what the run touches after joining counts. Where no cgroup v1/v2 limit can be written the run goes on
+unbounded and `MemoryLimit.method` says why. Design: docs/design/disk-reads.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Reading file ranges with O_DIRECT: the device DMAs straight into our buffer, skipping the OS page cache.
 
-A buffered read that is then dropped from the page cache (posix_fadvise DONTNEED) also reaches the device,
-but the kernel first copies every byte through the page cache and then frees those pages: ~2.5-3.5 ms of
-CPU per 6 MiB expert on this machine, taken from the model on a 2-core box. O_DIRECT skips both, at the
-price of alignment: the file offset, the length and the buffer's address must be multiples of the
-device's logical block size. `ALIGN` (one page) covers every common device. A safetensors tensor starts
-wherever the header's length puts it, so its first byte is rarely on a block boundary. Two ways round that:
-- zero-copy: a destination whose address has the same offset within a page as the file range
-  (`placement_skip` finds one in a slot of `SLOT_SLACK` spare bytes) takes the range's whole blocks
-  straight from the device; only the blocks it shares with its neighbours pass through a bounce buffer;
-- otherwise the aligned range around the tensor is read into a bounce buffer and its bytes copied out:
-  ~0.7-1.3 ms of CPU per 6 MiB expert on this machine, spent inside the read, so its wall time too.
+Offset, length and buffer address must be multiples of `ALIGN`. A destination placed at the file range's offset
+within a page (`placement_skip`, in a slot's `SLOT_SLACK` spare bytes) takes whole blocks straight from the
+device; the rest goes through a per-thread bounce buffer. `open_direct` returns None where O_DIRECT is
+refused. Design: docs/design/disk-reads.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""One forward through the cache, in the order both the live engine and the simulator follow.
+"""`CachePlanner`: one forward through the cache, in the order both the live engine and the simulator follow.
 
-    begin_step(forecast, layers)  the policy plans; the first layer's transfer window opens (and
-                                  `Residency.begin_forward` starts the forward's prefetch accounting)
-    for each MoE layer of the forward (`layers`: all of them unless the model has several stacks):
-        route(layer, keys)      the real routing is known: the policy corrects / looks ahead
-        for each key, in order:
-            use(key)            a demand use (`Residency.use`: a miss is a demand load, ahead of any
-                                prefetch), and the uses `use_ahead` keys ahead of it, all pinned
-            release(key)        the key's expert has run
-        finish_layer(layer)     the next layer's transfer window opens (after the last: `end_forward`)
-
-Uses ahead: with a transfer worker, the layer's next routed expert is used (and, on a miss, its load queued
-as a demand) while this one is still read or computed, so a layer that misses several experts keeps the slow
-tier reading instead of one read, one compute, one read. It changes which slot a miss may take (the key ahead
-is pinned sooner), so the simulator replays the same `use_ahead` as the live cache.
-
-The transfer clock: a window is the compute between two layers' expert runs, and fits `transfer_ratio`
-expert loads (None = unlimited). Prefetches are issued from the queue while the window has room; a key
-whose layer has already run is dropped (too late), as is one whose layer this forward does not run
-(an encoder key during a decoder step: it would be speculation for some later forward); one the policy declines waits for a later window. A prefetch issued in the window before a layer counts
-as resident when that layer runs, so a policy cannot "hit" by prefetching everything at once. Demand
-loads stall the layer instead and do not use window room. The live engine issues the same prefetches
-at the same points to its transfer worker, so both count the same loads.
+`begin_step(forecast, layers)`, then per MoE layer of the forward `route(layer, keys)`, `use(key)` and
+`release(key)` for each routed key, and `finish_layer(layer)`. All but `release` return the prefetches to issue
+now; a miss at `use` is a demand load, ahead of every prefetch, and a layer's transfer window fits
+`transfer_ratio` loads. Design: docs/design/cache-planner.md.
 """
 
 from __future__ import annotations

@@ -2,16 +2,9 @@
 
 Shape legend: B sequences, S prompt positions, W = window - 1 cached previous positions (oldest first),
 H heads, Dh head size, D d_model, L MoE layers, E experts.
-
-Because every attention in the network is causal over a fixed window, a new position needs only each
-layer's keys/values of the previous W positions: the encoder layers' self-attention inputs, the decoder
-layers' self-attention inputs, and the decoder layers' projections of the encoder output (cross-attention).
-A step is then one token through 4 small layers plus attention over W cached positions, whatever the
-context length, and its output equals the full-sequence forward at that position (tested).
-
-The same fact makes a prompt's state a slice of one full-sequence forward: `prefill` runs the prompts
-through the network at once and keeps each attention's keys/values of their last W positions, which is
-the state `feed_stepwise` (one `step` per prompt token) reaches, up to float rounding (tested).
+Every attention is causal over a fixed window, so a step needs only each attention's keys/values of the last W
+positions and equals the full-sequence forward at that position (tested); `prefill` takes a prompt's state
+from one full-sequence forward. Design: docs/design/predictor.md.
 """
 
 from __future__ import annotations

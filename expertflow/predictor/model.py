@@ -2,17 +2,9 @@
 
 Shape legend: B sequences, S positions (Sq queries, Sk keys: cached positions first), D d_model, F d_ff,
 H attention heads, Dh = D/H head size, L MoE layers, E experts.
-
-Input (B, S) token ids of the MoE model's tokenizer -> (B, S, L, E) logits, all layers in one forward.
-Causal and windowed: position t attends to positions t-window+1 .. t only (encoder self-attention,
-decoder self-attention and decoder->encoder cross-attention alike). Position information is T5's
-bucketed relative position bias, so the network is translation invariant: the prediction for t depends
-only on the last `receptive_field` tokens, which is what lets `RoutingPredictor.predict_next` run on a
-fixed-size tail of the sequence at every decoding step and still equal the full-sequence forward.
-
-`decode` is the one path through the layers: the full-sequence forward runs it with no cached positions,
-and incremental.py's `step` runs it on one new position with each attention's cached keys/values; it
-returns every attention's keys/values, which is also what `incremental.prefill` builds a step state from.
+Input (B, S) token ids -> (B, S, L, E) logits. Every attention is causal over a fixed window and positions are
+relative, so the prediction for t depends only on the last `receptive_field` tokens; `decode` is the one path
+through the layers, with or without cached keys/values. Design: docs/design/predictor.md.
 """
 
 from __future__ import annotations

@@ -2,16 +2,9 @@
 
 Shape legend: N = U * B sequences, L layers, E experts.
 
-Each routing path is a Python int bitset of L * E bits, so a batch's activated pairs are an OR and
-their count a `bit_count`. Sequences are placed one at a time into a batch with room; an empty batch
-is only ever opened in order (batches are interchangeable, so this removes the U! relabellings).
-A partial placement is cut when its cost plus a lower bound on what is still to come reaches the best
-complete grouping found so far, seeded with the `swap` heuristic. The lower bound is the larger of
-  * pairs some unplaced sequence uses that no batch has yet (each costs >= 1 wherever it goes);
-  * per batch with f free places: it takes f distinct unplaced sequences, so it gains at least as many
-    pairs as the f-th smallest count of new pairs an unplaced sequence would add to it (the largest
-    of its f); each batch's gain is its own term of the objective, so these add up.
-`node_limit` bounds the work; an instance that needs more raises `ExactLimitError`.
+Paths are int bitsets of L * E bits; batches open in order (no U! relabellings), and a partial placement is cut
+when its cost plus a lower bound reaches the best grouping so far, seeded with `swap`. `node_limit` bounds the
+work; an instance that needs more raises `ExactLimitError`. Design: docs/design/scheduler.md.
 """
 
 from __future__ import annotations

@@ -2,25 +2,8 @@
 
 Shape legend: N = U * B sequences, D = L * E flattened (layer, expert) pairs, P balanced partitions,
 N = n_lo + n_hi (the sequences split in two halves for the subset products).
-
-A unit of U batches of B has (U * B)! / ((B!)^U * U!) groupings: 1716 at 2 x 7, 6435 at 2 x 8, 24310
-at 2 x 9, 280 at 3 x 3, 5775 at 3 x 4. Up to `max_partitions` this scheduler scores them all and returns
-the minimum of the objective on its input: the distinct pairs on 0/1 paths (the optimum `exact`
-proves), the expected distinct pairs on probabilities (which no search can beat; only the prediction
-error remains). Above the limit it hands the unit to `fallback` (`swap`).
-
-The objective is a sum over batches S of f(S) = D - sum_d prod_{i in S} q_id, with q = 1 - p the
-probability that i leaves pair d unused (`swap.Misses.q`; a product of q needs no log/certain split when
-nothing is divided out). f is needed for every B-subset S of the N sequences; split each S into its
-part in the first half (bit mask s_lo) and the second (s_hi), then
-  Q_lo[s_lo] = prod_{i in s_lo} q_i       (2^n_lo, D) products of every subset of a half, by doubling
-  sum_d prod_{i in S} q_id = (Q_lo @ Q_hi.T)[s_lo, s_hi]
-computed only on the blocks with popcount(s_lo) + popcount(s_hi) = B: C(N, B) dot products of length D,
-a few matrix products. A partition's cost is then U * D minus a gather of U such entries. On 0/1 paths
-every product and dot product is an exact integer, so the minimum is exact; on probabilities it is
-float64 rounding off the true expectation. Partitions are enumerated once per (B, U) as batch bit
-masks in canonical form (each batch opens with the lowest sequence not yet placed, so sequence 0 is
-in batch 0 and none of the U! relabellings repeats).
+Up to `max_partitions` groupings it scores them all and returns the minimum (on 0/1 paths the optimum `exact`
+proves); above the limit it hands the unit to `fallback` (`swap`). Design: docs/design/scheduler.md.
 """
 
 from __future__ import annotations

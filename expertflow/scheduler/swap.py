@@ -2,22 +2,9 @@
 
 Shape legend: N sequences, D = L * E flattened (layer, expert) pairs, U batches of B.
 
-Clustering by Hamming similarity is only a proxy: two paths can be close yet each add experts their
-batch lacks. This scheduler starts from the best of the similarity and fifo groupings and applies the
-best swap of two sequences between two batches while one lowers the objective: the distinct pairs on
-0/1 paths, the expected distinct pairs on probabilities p (a pair is unused by a batch with probability
-prod over members of q = 1 - p). Swaps keep batches equal by construction. A swap's change is computed
-for all (i, j) at once, O(D) per candidate:
-
-  Z_a       = prod_{k in a} q_k            (D,) batch a leaves each pair unused
-  R_a(i)    = prod_{k in a, k != i} q_k    (D,) ... once i has left
-  delta_a(i, j) = sum(Z_a) - R_a(i) . q_j  a's change when j takes i's place
-and a swap changes the objective by delta_a(i, j) + delta_b(j, i): two matrix products per batch pair.
-Products are kept as a count of certain members (q == 0) plus a sum of log q over the others, updated
-per swap, so no clipping is needed and 0/1 paths stay exact integers (a pair used by c members: count
-c, log sum 0; R_a(i) is nonzero where the count equals i's own);
-the deltas then equal the bool counting formula |x_j & zero_a| + x_j . uniq_a(i) - |uniq_a(i)| exactly,
-and bool and 0/1 float inputs pick the same swaps.
+Starts from the better of the similarity and fifo groupings and applies the best swap of two sequences between
+two batches while one lowers the objective; batches stay equal by construction. `Misses` keeps products of
+q = 1 - p as a count of certain members plus a log sum, so 0/1 paths stay exact. Design: docs/design/scheduler.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """The cache-policy interface: decisions over `(layer, expert)` keys, never tensors.
 
-A policy is told about hits, loads and evictions, and chooses what to evict. Predictive policies also
-plan: at the start of a forward they get a forecast (the probability that each key is used by the
-coming forward) and return the keys to prefetch, most urgent first; when a layer's real routing becomes
-known they hear of it (`on_layer`) and may queue more prefetches (run-time correction, ring and
-pre-gated lookahead). A prefetch may be declined (`admit`) when nothing resident is worth less.
-
-A forward need not run every MoE layer: an encoder-decoder model's encoder forward runs the encoder's
-layers only, and each decoder step the decoder's. `begin_forward(layers)` names the forward's layers
-before `plan`; `position` and the lookahead are within them, and a key of another layer is not needed
-by this forward (a decoder-only model's forwards run every layer, so nothing changes for it).
-
-Policies are pure Python, so the live engine and the trace simulator drive the very same objects, through
-the same `CachePlanner`, and count the same loads.
+A policy is told about hits, loads and evictions, and chooses what to evict; predictive policies also `plan`
+prefetches from a forecast, hear each layer's real routing (`on_layer`) and may decline a prefetch (`admit`).
+`begin_forward(layers)` names the layers a forward runs (an encoder-decoder's stacks run apart). Policies are
+pure Python, so the live engine and the simulator drive the same objects. Design: docs/design/cache-planner.md.
 """
 
 from __future__ import annotations
