@@ -97,6 +97,29 @@ def load_prompts(name_or_path: str, limit: int | None = None, skip: int = 0) -> 
     return prompts[skip:end]
 
 
+# Each named set's own text, without a prompt template: what `load_texts` gives a perplexity run to score.
+NAMED_TEXTS: dict[str, Callable[[Path], list[str]]] = {
+    "alpaca": lambda root: ["\n\n".join(filter(None, (r["instruction"], r["input"], r["output"])))
+                            for r in alpaca_records(root)],
+    "xsum": lambda root: [r["document"] for r in _read_jsonl(root / "eval" / "xsum_test.jsonl")],
+    "wmt16": lambda root: _read_lines(root / "eval" / "wmt16_newstest2016_enfi.en"),
+    "aime24": lambda root: [r["problem"] for r in _read_jsonl(root / "eval" / "aime24.jsonl")],
+    "corpus": _load_corpus,
+}
+
+
+def load_texts(name_or_path: str, limit: int | None = None, skip: int = 0) -> list[str]:
+    """Raw text to score, in file order: a named set's own text (xsum's documents, wmt16's English sentences,
+    aime24's problems, alpaca's instruction, input and output, the corpus paragraphs), or a local file read as
+    `load_prompts` reads it; `skip` then `limit` select a slice."""
+    if name_or_path not in NAMED_TEXTS:
+        return load_prompts(name_or_path, limit, skip)  # a local file's rows are its text
+    if (limit is not None and limit < 0) or skip < 0:
+        raise ValueError(f"limit and skip must be >= 0, got limit={limit} skip={skip}")
+    end = None if limit is None else skip + limit
+    return NAMED_TEXTS[name_or_path](data_root())[skip:end]
+
+
 def _load_local(path: Path) -> list[str]:
     if path.suffix not in LOCAL_SUFFIXES:
         raise ExpertflowError(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from expertflow.errors import ExpertflowError
 
 # Each module registers its subcommands; the order here is the order in `expertflow --help`.
-_COMMAND_MODULES = ("generate", "serve", "inspect_model", "bench", "bench_quick", "widen", "trace", "predictor", "schedule", "simulate")
+_COMMAND_MODULES = ("generate", "serve", "inspect_model", "perplexity", "bench", "bench_quick", "widen", "trace", "predictor", "schedule", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
