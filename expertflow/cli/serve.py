@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from expertflow.cli.options import add_engine_options, apply_threads, engine_config
@@ -17,6 +18,7 @@ from expertflow.scheduler import SERVE_SCHEDULERS  # not from expertflow.server:
 
 if TYPE_CHECKING:
     from expertflow.server import ServeConfig
+    from expertflow.server.trace_recorder import RecordingConfig
 
 API_KEY_ENV = "EXPERTFLOW_API_KEY"   # read when --api-key is not given, as vLLM reads VLLM_API_KEY
 
@@ -46,6 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                         help="largest request body, e.g. 4MiB or 4194304; a larger one is refused unread with "
                              "a 413 (default 4MiB)")
+    parser.add_argument("--record-traces", type=Path, default=None, metavar="FILE",
+                        help="write the routing of the requests served to FILE, a trace file the predictor can go "
+                             "on training on (train-predictor --init-predictor DIR --traces FILE)")
+    parser.add_argument("--record-traces-max-bytes", default=None, metavar="SIZE",
+                        help="with --record-traces: rotate FILE to FILE.1 once it would pass SIZE, e.g. 64MiB "
+                             "(default 64MiB)")
+    parser.add_argument("--record-traces-keep", type=int, default=None, metavar="K",
+                        help="with --record-traces: rotated files kept, FILE.1 (newest) to FILE.K (default 3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --record-traces: start a new recording over an existing FILE (its rotations "
+                             "FILE.1... are never replaced)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -56,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
         from expertflow.server import build_service
         from expertflow.server.app import create_app
+        from expertflow.server.trace_recorder import check_recording
     except ImportError as exc:
         raise ExpertflowError(f"serve needs the serve extra ({exc.name} is missing): "
                               "pip install 'expertflow-moe[serve]'") from exc
@@ -65,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     config = _serve_config(args)
     if args.replicas is None and args.placement is not None:
         raise ExpertflowError("--placement places requests across replicas: it needs --replicas N")
+    if config.recording is not None:
+        if args.replicas is not None:
+            raise ExpertflowError("--record-traces records the routing of the local engine; it does not run with "
+                                  "--replicas")
+        check_recording(config.recording, args.overwrite)  # before the model loads, not after
     # The listening socket is made before the model loads and handed to uvicorn: a port in use fails in a
     # moment rather than after the load, and as the socket is held from then on, nothing can take the port
     # meanwhile (a bind test that closed its socket would leave that race). Connections made during the load
@@ -90,9 +109,24 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     limit = {} if args.max_request_bytes is None else {"max_request_bytes": parse_size(args.max_request_bytes)}
     try:
         return ServeConfig(host=args.host, port=args.port, scheduler=args.scheduler,
-                           max_batch_size=args.max_batch_size, api_key=api_key, **limit)
+                           max_batch_size=args.max_batch_size, api_key=api_key, recording=_recording(args), **limit)
     except ValueError as exc:
         raise ExpertflowError(str(exc)) from exc
+
+
+def _recording(args: argparse.Namespace) -> RecordingConfig | None:
+    """The RecordingConfig --record-traces and its options ask for, or None."""
+    from expertflow.server.trace_recorder import RecordingConfig
+
+    given = {} if args.record_traces_max_bytes is None else {"max_bytes": parse_size(args.record_traces_max_bytes)}
+    if args.record_traces_keep is not None:
+        given["keep"] = args.record_traces_keep
+    if args.record_traces is None:
+        if given:
+            raise ExpertflowError("--record-traces-max-bytes and --record-traces-keep size a recording: they need "
+                                  "--record-traces FILE")
+        return None
+    return RecordingConfig(args.record_traces, **given)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,7 +1,8 @@
 """`expertflow serve`: an OpenAI-compatible HTTP server over the batched, scheduled engine.
 
 Parts: `loop.EngineLoop` (the engine thread that owns a StepLoop), `service.Service` (requests to
-sequences and events to responses), `app.create_app` (the routes). `build_service` wires them."""
+sequences and events to responses), `app.create_app` (the routes), and with `--record-traces` a
+`trace_recorder.TraceRecorder`. `build_service` wires them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from expertflow.scheduler import SERVE_SCHEDULERS, scheduler_class
 from expertflow.server.loop import EngineLoop
 from expertflow.server.metrics import ServerMetrics
 from expertflow.server.service import Service
+from expertflow.server.trace_recorder import RecordingConfig, TraceRecorder, served_header
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,8 @@ class ServeConfig:
     flight, so up to 4 x max_batch_size requests decode at once; the rest wait and join as slots free.
 
     With `api_key`, every path but /health needs `Authorization: Bearer <api_key>`; a request body over
-    `max_request_bytes` is refused with a 413."""
+    `max_request_bytes` is refused with a 413. With `recording`, the routing of the requests served is written
+    to a trace file (`trace_recorder`)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -29,6 +32,7 @@ class ServeConfig:
     max_batch_size: int = 8
     api_key: str | None = field(default=None, repr=False)   # kept out of reprs and so out of logs
     max_request_bytes: int = 4 * 2**20
+    recording: RecordingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler not in SERVE_SCHEDULERS:
@@ -53,9 +57,14 @@ def _check_api_key(key: str) -> None:
                          "clients send it in an `Authorization: Bearer KEY` header")
 
 
-def build_service(model: ExpertflowModel, config: ServeConfig, runner: BatchRunner | None = None) -> Service:
-    """A service over `model` batching as `config` says; `runner` replaces the default BatchRunner (tests
-    pass one whose batches fail)."""
+def build_service(model: ExpertflowModel, config: ServeConfig, runner: BatchRunner | None = None,
+                  recorder: TraceRecorder | None = None) -> Service:
+    """A service over `model` batching and recording as `config` says; `runner` replaces the default
+    BatchRunner (tests pass one whose batches fail), `recorder` the one `config.recording` asks for (tests pass
+    one whose writes stall)."""
     if runner is None:
         runner = BatchRunner(model.engine, scheduler_class(config.scheduler)(), config.max_batch_size, unit=2)
-    return Service(model, EngineLoop(runner), ServerMetrics())
+    if recorder is None and config.recording is not None:
+        recorder = TraceRecorder(config.recording, served_header(model))
+    metrics = ServerMetrics(recording=None if recorder is None else recorder.figures)
+    return Service(model, EngineLoop(runner, recorder), metrics)

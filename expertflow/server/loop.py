@@ -4,7 +4,8 @@ HTTP handlers (on the asyncio loop) hand it sequences and calls through a thread
 rounds it takes everything waiting there, so a request that arrives while others decode joins at the next
 step. Tokens and outcomes go back through each request's `Listener`, which crosses to asyncio with
 `loop.call_soon_threadsafe`. A failure inside a step fails the requests in flight (`session.abort()`),
-and the loop goes on serving."""
+and the loop goes on serving. With a `TraceRecorder`, each request's routing is kept and its finished
+sequence handed to the recorder (never waited for)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from expertflow.engine.steps import BatchRunner, Sequence
 from expertflow.engine.loop import StepLoop
 from expertflow.server.metrics import cache_figures
 from expertflow.server.scoring import token_logprobs
+from expertflow.server.trace_recorder import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ _STOP = object()
 
 
 class EngineLoop:
-    def __init__(self, runner: BatchRunner) -> None:
+    def __init__(self, runner: BatchRunner, recorder: TraceRecorder | None = None) -> None:
         self.runner = runner
+        self.recorder = recorder
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, Listener] = {}   # sequence index -> its listener, while in the session
         self._ids = itertools.count()
@@ -63,11 +66,15 @@ class EngineLoop:
 
     # ---- called from any thread ----------------------------------------------------------------
     def start(self) -> None:
+        if self.recorder is not None:
+            self.recorder.start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
+        if self.recorder is not None:  # after the engine thread: it has handed over every finished request
+            self.recorder.close()
 
     @property
     def alive(self) -> bool:
@@ -85,6 +92,8 @@ class EngineLoop:
     def add(self, seq: Sequence, listener: Listener) -> None:
         """Queue a sequence; it joins the running batches at the next step."""
         seq.on_token = listener.on_token
+        if self.recorder is not None:
+            seq.routing = []  # the engine appends the routing of each token it feeds
         self._inbox.put(_Add(seq, listener))
 
     def call(self, fn: Callable[[], Any]) -> Future:
@@ -144,6 +153,8 @@ class EngineLoop:
                 listener.on_error(seq, seq.error)
             else:
                 listener.on_finish(seq)
+                if self.recorder is not None:  # not a failed one: NaN logits or a fault make its routing suspect
+                    self.recorder.offer(seq)
         session.finished.clear()
 
     def _fail_all(self, dropped: list[Sequence], exc: BaseException) -> None:

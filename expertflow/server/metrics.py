@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ class ServerMetrics:
         ("succeeded", "client_errors", "server_errors", "cancelled"), 0))
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    recording: Callable[[], dict] | None = None   # the trace recorder's figures, when serve records
     _latency: deque = field(init=False)
     _first_token: deque = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,7 +61,8 @@ class ServerMetrics:
                 "tokens": tokens,
                 "latency_seconds": _percentiles(latency),
                 "time_to_first_token_seconds": _percentiles(first),
-                "cache": cache}
+                "cache": cache,
+                **({} if self.recording is None else {"recording": self.recording()})}
 
 
 def cache_figures(figures: CacheFigures) -> dict:
