@@ -127,3 +127,20 @@ def test_step_profile_times_a_system_and_its_rules_name_code_that_exists() -> No
     lru = last_json(done)["summary"]["tree"]["lru"]
     assert lru["tokens_per_s"] > 0 and lru["loads"] > 0
     assert last_json(done)["args"]["model"] == str(EMBEDDED_MODEL_DIR)
+
+
+def test_quant_kernels_times_every_path_and_checks_its_numerics() -> None:
+    result = last_json(run_tool("quant_kernels", "--shapes", "tiny-olmoe-64e", "--tokens", "1", "--threads", "1",
+                                "--group-sizes", "32", "--libraries", "none", "--min-run-time", "0.01", "--json"))
+    assert result["shapes"] == {"tiny-olmoe-64e": {"hidden": 128, "intermediate": 128}}
+    methods = ["fp32 F.linear", "int8 packed", "int8 dequant", "int4 g32 packed", "int4 g32 dequant"]
+    assert [(r["method"], r["dtype"]) for r in result["forward"]] == \
+        [(m, "float32") for m in methods] + [("bf16 F.linear", "bfloat16")] + [(m, "bfloat16") for m in methods[1:]]
+    assert all(r["median_us"] > 0 and r["vs_fp32"] > 0 and r["weight_bytes"] > 0 for r in result["forward"])
+    assert result["forward"][0]["weight_bytes"] == 3 * 128 * 128 * 4       # gate, up, down in float32
+    assert [r["method"] for r in result["dequantize"]] == ["int8 dequant", "int4 g32 dequant"] * 2
+    assert all(r["median_us"] > 0 for r in result["dequantize"])
+    for r in result["numerics"]:
+        assert set(r) >= {"max_abs_error", "rms_relative_error", "batch_invariant", "same_bits_across_threads"}
+        if r["dtype"] == "float32" and r["vs_packed_max_abs"] is not None:   # one quantized model, two kernels
+            assert r["vs_packed_max_abs"] < 1e-6
