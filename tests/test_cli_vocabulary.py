@@ -88,7 +88,7 @@ def test_the_allow_list_names_only_options_that_do_differ() -> None:
 def test_threads_is_one_declaration_with_one_default() -> None:
     uses = _options()["--threads"]
     assert {c for c, _ in uses} >= {"generate", "serve", "bench", "bench-quick", "simulate", "schedule-eval",
-                                    "train-predictor", "eval-predictor"}
+                                    "train-predictor", "eval-predictor", "trace", "perplexity"}
     assert {a.default for _, a in uses} == {"auto"}
     assert len({a.type for _, a in uses}) == 1  # declared by one function, add_threads_option
     assert all("default auto" in a.help for _, a in uses)

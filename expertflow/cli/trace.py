@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from expertflow.cli.options import add_decoding_options, add_model_option
+from expertflow.cli.options import add_decoding_options, add_model_option, add_threads_option, apply_threads
 from expertflow.datasets import NAMED_DATASETS, load_prompts
 from expertflow.errors import ExpertflowError
 from expertflow.outputs import check_output_file
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", action="store_true", help="split the batches across Ray workers (extra: expertflow-moe[ray])")
     p.add_argument("--address", default=None, help="with --ray: cluster to join (default: start a local one)")
     p.add_argument("--workers", type=int, default=None, help="with --ray: worker actors, one model each")
+    add_threads_option(p)
     p.set_defaults(func=run_trace)
 
     info = subparsers.add_parser("trace-info", help="summarise a trace file: sizes, expert skew, entropy")
@@ -53,6 +54,7 @@ def run_trace(args: argparse.Namespace) -> int:
     import expertflow
 
     check_output_file(args.out, args.overwrite)  # before the model loads and the trace runs
+    apply_threads(args.threads)
     config = _config(args)
     if (args.samples is not None and args.samples < 1) or args.skip < 0:
         raise ExpertflowError("--samples must be >= 1 and --skip >= 0")
