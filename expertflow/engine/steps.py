@@ -32,6 +32,7 @@ from expertflow.engine.kv import merge, select
 from expertflow.scheduler import Grouping, Scheduler, routing_paths, scheduler_class
 from expertflow.stats import RunStats
 
+
 class BatchRunner:
     """The step's operations over batches of sequences (admit, sample, regroup, run a batch); a
     `StepLoop` drives them, one `step()` a decode step of every unit in flight."""
@@ -41,13 +42,23 @@ class BatchRunner:
         self.settings = LoopSettings(batch_size, unit, pipeline, static, record_routing)
         if static and scheduler.name != "fifo":
             raise ValueError(f"a static batch is never regrouped; scheduler {scheduler.name!r} needs a dynamic one")
-        self.depth = 2 if pipeline else 1  # units in flight
         self.engine = engine
         self.scheduler = scheduler
-        self.batch_size = batch_size
-        self.unit = unit
         self.parts = engine.parts
         self.last_logits: torch.Tensor | None = None  # (rows, V) a static batch's last sampled logits
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def unit(self) -> int:
+        return self.settings.unit
+
+    @property
+    def depth(self) -> int:
+        """Units in flight: two with the dual-batch pipeline, else one."""
+        return 2 if self.settings.pipeline else 1
 
     def session(self) -> StepLoop:
         return StepLoop(self)
@@ -143,12 +154,10 @@ class BatchRunner:
                 continue
             rows = []
             for row, seq in enumerate(batch.members):
-                if not seq.cancelled:
-                    token = int(seq.sampler(batch.logits[row : row + 1])[0])
-                    seq.generated.append(token)
-                    if seq.on_token is not None:
-                        seq.on_token(seq, token)
-                seq.finish_reason = _finish_reason(seq, eos)
+                if seq.cancelled:
+                    seq.finish_reason = "cancelled"
+                else:
+                    _append(seq, int(seq.sampler(batch.logits[row : row + 1])[0]), eos)
                 if seq.finish_reason is None:
                     rows.append(row)
                 else:
@@ -165,10 +174,7 @@ class BatchRunner:
         tokens = batch.members[0].sampler(batch.logits).tolist()
         for seq, token in zip(batch.members, tokens):
             if seq.finish_reason is None:
-                seq.generated.append(token)
-                if seq.on_token is not None:
-                    seq.on_token(seq, token)
-                seq.finish_reason = _finish_reason(seq, eos)
+                _append(seq, token, eos)
         self.last_logits = batch.logits
         return any(seq.finish_reason is None for seq in batch.members)
 
@@ -288,6 +294,14 @@ def generate(engine: DecoderRunner, input_ids: list[list[int]], max_new_tokens: 
     runner = BatchRunner(engine, scheduler_class("fifo")(), max(len(input_ids), 1), unit=1, pipeline=False,
                          static=True, record_routing=record_routing)
     return runner.generate(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+
+def _append(seq: Sequence, token: int, eos: set[int]) -> None:
+    """A sampled token joins its sequence (streamed to its listener), and the sequence may finish with it."""
+    seq.generated.append(token)
+    if seq.on_token is not None:
+        seq.on_token(seq, token)
+    seq.finish_reason = _finish_reason(seq, eos)
 
 
 def _finish_reason(seq: Sequence, eos: set[int]) -> str | None:
